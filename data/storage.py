@@ -1,0 +1,200 @@
+"""Storage access: the one module that builds filesystems and touches bytes in storage.
+
+Every URI in shardtune (local path, file://, s3://, any fsspec protocol) goes through here.
+fsspec and s3fs are imported lazily so that pure modules and unit tests never pay for them.
+Credentials are never taken as arguments: they come from the standard AWS environment
+variables, a named profile, or the pod's service account, so nothing here can leak them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Holds no secrets on purpose."""
+
+    endpoint_url: str | None = None  # S3-compatible store (MinIO, moto, Ceph); None = AWS
+    profile: str | None = None  # named AWS profile; None = environment / instance role
+    retries: int = 5  # attempts for transient errors (connection reset, 5xx, throttling)
+
+    def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
+        if protocol not in ("s3", "s3a"):
+            return {}
+        kwargs: dict[str, Any] = {"use_listings_cache": False}  # checkpoints appear mid-run
+        if self.endpoint_url:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if self.profile:
+            kwargs["profile"] = self.profile
+        return kwargs
+
+
+def split_protocol(uri: str) -> tuple[str, str]:
+    """'s3://b/k' -> ('s3', 'b/k'); '/tmp/x' or 'x' -> ('file', absolute path)."""
+    if "://" in uri:
+        protocol, path = uri.split("://", 1)
+        if protocol == "file":
+            return "file", os.path.abspath(path)
+        return protocol, path
+    return "file", os.path.abspath(uri)
+
+
+def is_local(uri: str) -> bool:
+    return split_protocol(uri)[0] == "file"
+
+
+def join(uri: str, *parts: str) -> str:
+    if "://" in uri:
+        protocol, path = uri.split("://", 1)
+        return f"{protocol}://" + posixpath.join(path.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def filesystem(uri: str, options: StorageOptions | None = None):
+    """Return (fsspec filesystem, path inside it) for a URI."""
+    import fsspec
+
+    options = options or StorageOptions()
+    protocol, path = split_protocol(uri)
+    fs = fsspec.filesystem(protocol, **options.fsspec_kwargs(protocol))
+    return fs, path
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
+    """(pyarrow FileSystem, path) wrapping the same fsspec filesystem, for Ray Train's
+    `storage_filesystem`. pyarrow's own S3 client ignores AWS_ENDPOINT_URL, so wrapping the
+    fsspec filesystem is what keeps data and checkpoints on one configuration."""
+    import pyarrow.fs
+
+    protocol, path = split_protocol(uri)
+    if protocol == "file":
+        return pyarrow.fs.LocalFileSystem(), path
+    fs, path = filesystem(uri, options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = (
+        "connection", "timeout", "timed out", "reset", "throttl", "slowdown", "slow down",
+        "serviceunavailable", "internalerror", "503", "500", "502", "504", "temporarily",
+        "endpointconnectionerror", "server disconnected",
+    )  # fmt: skip
+    return any(m in text for m in markers)
+
+
+def with_retries(what: str, fn: Callable[[], T], options: StorageOptions | None = None) -> T:
+    """Run a storage call, retrying transient errors with exponential backoff and jitter."""
+    attempts = max(1, (options or StorageOptions()).retries)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+            delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning(
+                "storage: %s failed (%s: %s); retry %d/%d in %.1fs",
+                what, type(exc).__name__, exc, attempt, attempts - 1, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    return with_retries(f"read {uri}", lambda: fs.cat_file(path), options)
+
+
+def read_text(uri: str, options: StorageOptions | None = None) -> str:
+    return read_bytes(uri, options).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write a whole object. Local files are written to a temp name and renamed, so a reader
+    never sees half a file (object stores give that for free)."""
+    fs, path = filesystem(uri, options)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with_retries(f"write {uri}", lambda: fs.pipe_file(path, data), options)
+
+
+def write_text(uri: str, text: str, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), options)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    return with_retries(f"stat {uri}", lambda: fs.exists(path), options)
+
+
+def list_names(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Names (not paths) directly under a directory URI; [] if it does not exist."""
+    fs, path = filesystem(uri, options)
+    if not with_retries(f"stat {uri}", lambda: fs.exists(path), options):
+        return []
+    entries = with_retries(f"list {uri}", lambda: fs.ls(path, detail=False), options)
+    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+
+def upload_dir(local_dir: str, uri: str, options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, options)
+    for root, _dirs, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            dst = posixpath.join(path, rel) if not is_local(uri) else os.path.join(path, rel)
+            if is_local(uri):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with_retries(f"upload {rel} to {uri}", lambda s=src, d=dst: fs.put_file(s, d), options)
+
+
+def download_dir(uri: str, local_dir: str, options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, options)
+    files = with_retries(f"list {uri}", lambda: fs.find(path), options)
+    if not files:
+        raise FileNotFoundError(f"nothing at {uri}")
+    for remote in files:
+        rel = posixpath.relpath(str(remote), path.rstrip("/"))
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with_retries(f"download {rel} from {uri}", lambda r=remote, d=dst: fs.get_file(r, d), options)
+
+
+def iter_glob(pattern: str, options: StorageOptions | None = None) -> Iterator[str]:
+    """Expand a glob (local or remote) into URIs, sorted; a plain URI yields itself."""
+    if not any(ch in pattern for ch in "*?["):
+        yield pattern
+        return
+    fs, path = filesystem(pattern, options)
+    protocol, _ = split_protocol(pattern)
+    for match in sorted(fs.glob(path)):
+        yield str(match) if protocol == "file" else f"{protocol}://{match}"
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete one file or object; one that is already gone is fine."""
+    fs, path = filesystem(uri, options)
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(f"remove {uri}", lambda: fs.rm_file(path), options)
