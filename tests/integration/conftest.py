@@ -1,0 +1,49 @@
+"""Integration tier: one S3 endpoint (moto's server on 127.0.0.1) and one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cluster.local_s3 import LocalS3, use_dummy_credentials
+
+BUCKET = "shardtune-it"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    use_dummy_credentials()
+    with LocalS3() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3):
+    """Started after the S3 credentials are in the environment, so workers inherit them."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(s3, synthetic_conll):
+    """The synthetic corpus prepared into s3:// as train/dev/test (train in 3 shards)."""
+    from data.prepare import prepare
+    from data.storage import StorageOptions
+
+    options = StorageOptions(endpoint_url=s3.endpoint_url)
+    root = f"s3://{BUCKET}/data/synthetic"
+    prepare("ner", [str(synthetic_conll)], root, split={"train": 0.7, "dev": 0.15, "test": 0.15},
+            shards=3, seed=0, options=options)  # fmt: skip
+    return {"train": f"{root}/train", "dev": f"{root}/dev", "test": f"{root}/test", "options": options}
