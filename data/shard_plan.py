@@ -109,3 +109,101 @@ def segment_rows(plan: EpochPlan, segment: Segment, begin: int = 0) -> list[tupl
         shard, offset = plan.locate(pos)
         out.append((shard, int(plan.row_order(shard)[offset])))
     return out
+
+
+Ranges = tuple[tuple[int, int], ...]  # [start, stop) intervals of stream positions, read in order
+
+
+def segment_ranges(segment: Segment, total: int) -> Ranges:
+    """A train segment as ranges inside [0, total): wrapped positions become further ranges."""
+    out, pos = [], segment.start
+    while pos < segment.stop:
+        lap_end = (pos // total + 1) * total
+        end = min(segment.stop, lap_end)
+        out.append((pos % total, pos % total + end - pos))
+        pos = end
+    return tuple(out)
+
+
+def ranges_len(ranges: Ranges) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def _take(ranges: Ranges, count: int) -> list[tuple[int, int]]:
+    """The first `count` positions of `ranges`, as ranges."""
+    out = []
+    for start, stop in ranges:
+        if count <= 0:
+            break
+        n = min(count, stop - start)
+        out.append((start, start + n))
+        count -= n
+    return out
+
+
+def _complement(taken: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
+    out, cursor = [], 0
+    for start, stop in sorted(taken):
+        if start > cursor:
+            out.append((cursor, start))
+        cursor = max(cursor, stop)
+    if cursor < total:
+        out.append((cursor, total))
+    return out
+
+
+def _slice(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Positions lo..hi-1 of the concatenation of `ranges` (lo < hi <= its length)."""
+    out, base = [], 0
+    for start, stop in ranges:
+        n = stop - start
+        a, b = max(lo, base), min(hi, base + n)
+        if a < b:
+            out.append((start + a - base, start + b - base))
+        base += n
+    return out
+
+
+@dataclass(frozen=True)
+class Share:
+    """One rank's part of the rest of an epoch after a restart with a different world size."""
+
+    ranges: Ranges
+    padding: int  # positions that repeat a not-yet-consumed example (wrap-around), counted
+
+    def __len__(self) -> int:
+        return ranges_len(self.ranges)
+
+
+def reshard_rest_of_epoch(
+    total: int, consumed: list[tuple[Ranges, int]], world_size: int
+) -> list[Share]:
+    """Split what the old ranks had not consumed yet among `world_size` new ranks.
+
+    `consumed` holds, per old rank, (the ranges it was reading this epoch, how many of their
+    positions it had consumed). The positions of [0, total) that no old rank consumed, in stream
+    order, are cut into `world_size` contiguous pieces of equal length ceil(rest / world_size);
+    the last pieces wrap around to the start of that rest, like `train_segment` does. So every
+    example of the epoch is seen exactly once, plus the counted padding of the old and new plans.
+    """
+    if total <= 0:
+        raise ValueError("cannot plan an empty dataset")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    taken = [r for ranges, position in consumed for r in _take(ranges, position)]
+    rest = _complement(taken, total)
+    n = ranges_len(tuple(rest))
+    if n == 0:
+        return [Share((), 0) for _ in range(world_size)]
+    per_rank = -(-n // world_size)
+    shares = []
+    for rank in range(world_size):
+        lo, hi = rank * per_rank, (rank + 1) * per_rank
+        ranges: list[tuple[int, int]] = []
+        while lo < hi:  # each pass covers at most one lap of the rest
+            lap_lo = lo % n
+            step = min(hi - lo, n - lap_lo)
+            ranges += _slice(rest, lap_lo, lap_lo + step)
+            lo += step
+        shares.append(Share(tuple(ranges), max(0, hi - max(rank * per_rank, n))))
+    return shares

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from data import storage
 from data.manifest import Manifest, read_shard_rows
-from data.shard_plan import EpochPlan, Segment
+from data.shard_plan import EpochPlan, Ranges, Segment, segment_ranges
 
 
 @dataclass
@@ -71,18 +71,43 @@ class ShardStream:
         return fut.result()
 
     def iter_from(self, segment: Segment, begin: int = 0) -> Iterator[tuple[int, dict]]:
-        order = self.plan.shard_order
-        for pos in range(segment.start + begin, segment.stop):
-            shard, offset = self.plan.locate(pos)
-            rows = self._rows(shard)
-            if offset == 0 or pos == segment.start + begin:
-                # Prefetch the shard that follows in the stream while this one is consumed.
-                nxt = order[(order.index(shard) + 1) % len(order)]
-                if nxt != shard and self.capacity > 1 and pos + len(rows) - offset < segment.stop:
-                    self._request(nxt)
+        """Rows of a train/eval segment from offset `begin`: (offset in the segment, row)."""
+        return self.iter_ranges(segment_ranges(segment, self.plan.total), begin)
+
+    def iter_ranges(self, ranges: Ranges, begin: int = 0) -> Iterator[tuple[int, dict]]:
+        """Rows at an explicit list of stream ranges (the rest of an epoch after a restart with
+        another world size), from offset `begin`: yields (offset in the list, row)."""
+        offset_in_list = 0
+        for k, (start, stop) in enumerate(ranges):
+            if offset_in_list + stop - start <= begin:
+                offset_in_list += stop - start
+                continue
+            first = start + max(0, begin - offset_in_list)
+            for pos in range(first, stop):
+                shard, offset = self.plan.locate(pos)
+                rows = self._rows(shard)
+                if offset == 0 or pos == first:
+                    self._prefetch_after(shard, pos + len(rows) - offset, ranges, k)
                     self._cache.move_to_end(shard)
-            self.stats.examples += 1
-            yield pos - segment.start, rows[offset]
+                self.stats.examples += 1
+                yield offset_in_list + pos - start, rows[offset]
+            offset_in_list += stop - start
+
+    def _prefetch_after(self, shard: int, shard_end: int, ranges: Ranges, k: int) -> None:
+        """Start loading the shard holding the next position this rank will read after
+        `shard` (which ends at stream position `shard_end`), while `shard` is consumed."""
+        if self.capacity < 2:
+            return
+        start, stop = ranges[k]
+        if shard_end < stop:
+            nxt = shard_end
+        elif k + 1 < len(ranges):
+            nxt = ranges[k + 1][0]
+        else:
+            return
+        nxt_shard, _ = self.plan.locate(nxt)
+        if nxt_shard != shard:
+            self._request(nxt_shard)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

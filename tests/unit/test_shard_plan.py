@@ -5,9 +5,19 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.shard_plan import EpochPlan, eval_segment, segment_rows, train_segment
+from data.shard_plan import (
+    EpochPlan,
+    eval_segment,
+    ranges_len,
+    reshard_rest_of_epoch,
+    segment_ranges,
+    segment_rows,
+    train_segment,
+)
 
-sizes_st = st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8).filter(lambda s: sum(s) > 0)
+sizes_st = st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8).filter(
+    lambda s: sum(s) > 0
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -31,7 +41,9 @@ def test_train_segments_cover_everything_equally(sizes, world, seed, epoch):
 @given(sizes=sizes_st, world=st.integers(1, 9))
 def test_eval_segments_are_exactly_once(sizes, world):
     plan = EpochPlan(tuple(sizes), 0, 0, shuffle=False)
-    rows = [row for r in range(world) for row in segment_rows(plan, eval_segment(sum(sizes), world, r))]
+    rows = [
+        row for r in range(world) for row in segment_rows(plan, eval_segment(sum(sizes), world, r))
+    ]
     assert sorted(rows) == rows and len(rows) == len(set(rows)) == sum(sizes)
 
 
@@ -59,3 +71,49 @@ def test_segment_reads_few_shards():
     for r in range(5):
         shards = {s for s, _ in segment_rows(plan, train_segment(1000, 5, r))}
         assert len(shards) <= 3
+
+
+def _positions(ranges) -> list[int]:
+    return [p for start, stop in ranges for p in range(start, stop)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 120), old_world=st.integers(1, 7), new_world=st.integers(1, 7),
+    fraction=st.floats(0, 1), second=st.integers(1, 5), fraction2=st.floats(0, 1),
+)  # fmt: skip
+def test_reshard_rest_of_epoch_is_exactly_once(
+    total, old_world, new_world, fraction, second, fraction2
+):
+    old = [segment_ranges(train_segment(total, old_world, r), total) for r in range(old_world)]
+    done = int(fraction * ranges_len(old[0]))  # ranks run in lockstep: one position for all
+    consumed = [(ranges, done) for ranges in old]
+    before = Counter(p for ranges in old for p in _positions(ranges)[:done])
+
+    def check(shares, before):
+        assert len({len(s) for s in shares}) == 1  # equal step counts on the new ranks
+        new = Counter(p for s in shares for p in _positions(s.ranges))
+        assert all(0 <= p < total for p in new)
+        assert not set(new) & set(before)  # nothing consumed before is read again
+        assert set(new) | set(before) == set(range(total))  # nothing is skipped
+        assert sum(c - 1 for c in new.values()) == sum(s.padding for s in shares)  # counted
+        rest = total - len(before)
+        assert sum(s.padding for s in shares) == len(shares[0]) * len(shares) - rest < len(shares)
+
+    shares = reshard_rest_of_epoch(total, consumed, new_world)
+    check(shares, before)
+    # a second restart, with yet another world size, part-way through the new shares
+    done2 = int(fraction2 * len(shares[0]))
+    consumed2 = consumed + [(s.ranges, done2) for s in shares]
+    before2 = before + Counter(p for s in shares for p in _positions(s.ranges)[:done2])
+    check(reshard_rest_of_epoch(total, consumed2, second), before2)
+
+
+def test_segment_ranges_wrap_to_the_start():
+    assert segment_ranges(train_segment(10, 3, 2), 10) == ((8, 10), (0, 2))
+    assert segment_ranges(train_segment(5, 4, 3), 5) == ((1, 3),)  # starts past the end
+    plan = EpochPlan((4, 6), 2, 0)
+    seg = train_segment(10, 3, 2)
+    assert [plan.locate(p) for p in _positions(segment_ranges(seg, 10))] == [
+        plan.locate(p) for p in range(seg.start, seg.stop)
+    ]

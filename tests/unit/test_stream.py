@@ -6,7 +6,13 @@ import pytest
 
 from data.manifest import DatasetError, read_manifest
 from data.prepare import prepare
-from data.shard_plan import EpochPlan, segment_rows, train_segment
+from data.shard_plan import (
+    EpochPlan,
+    reshard_rest_of_epoch,
+    segment_ranges,
+    segment_rows,
+    train_segment,
+)
 from data.stream import ShardStream
 
 
@@ -56,3 +62,38 @@ def test_corrupt_and_missing_shards_are_named(dataset, tmp_path):
     path.unlink()
     with pytest.raises(DatasetError, match=f"shard {victim} is missing"):
         list(ShardStream(uri, manifest, plan).iter_from(train_segment(manifest.num_examples, 1, 0)))
+
+
+def test_explicit_ranges_after_a_world_size_change(dataset):
+    """The rest of an epoch split for a new world size streams exactly the planned positions,
+    from any offset, with shards still bounded."""
+    uri, manifest = dataset
+    sizes = tuple(s.num_examples for s in manifest.shards)
+    total = manifest.num_examples
+    plan = EpochPlan(sizes, seed=5, epoch=2)
+    old = [segment_ranges(train_segment(total, 3, r), total) for r in range(3)]
+    shares = reshard_rest_of_epoch(total, [(r, 11) for r in old], 2)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def expected(ranges):
+        out = []
+        for p in (p for a, b in ranges for p in range(a, b)):
+            shard, offset = plan.locate(p)
+            out.append(starts[shard] + int(plan.row_order(shard)[offset]))
+        return out
+
+    seen = []
+    for share in shares:
+        stream = ShardStream(uri, manifest, plan, shards_in_memory=2)
+        got = []
+        for _offset, row in stream.iter_ranges(share.ranges):
+            got.append(row["id"])
+            assert len(stream._cache) <= 2
+        assert got == expected(share.ranges)
+        tail = [
+            (o, r["id"]) for o, r in ShardStream(uri, manifest, plan).iter_ranges(share.ranges, 23)
+        ]
+        assert [i for _, i in tail] == got[23:] and tail[0][0] == 23
+        seen += got
+    before = [i for r in old for i in expected(r)[:11]]
+    assert set(seen) | set(before) == set(range(total)) and not set(seen) & set(before)
