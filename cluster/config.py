@@ -70,6 +70,12 @@ class TrainSection(_Section):
         default="epoch", description="Evaluate (and checkpoint) every N optimizer steps, or each epoch."
     )
     log_every: int = Field(default=10, ge=1, description="Progress line every N optimizer steps.")
+    ledger: bool = Field(
+        default=False,
+        description="Record the example ids every rank consumes, per micro-batch, under "
+        "{run.output}/{run.name}/ledger/ (flushed at each report; data/ledger.py reads back what "
+        "the run committed across restarts). For audits and tests; costs one small write per report.",
+    )  # fmt: skip
 
     @field_validator("eval_every")
     @classmethod

@@ -28,12 +28,15 @@ class StorageOptions:
 
     endpoint_url: str | None = None  # S3-compatible store (MinIO, moto, Ceph); None = AWS
     profile: str | None = None  # named AWS profile; None = environment / instance role
-    retries: int = 5  # attempts for transient errors (connection reset, 5xx, throttling)
+    retries: int = 8  # attempts for transient errors (connection reset, 5xx, throttling)
 
     def fsspec_kwargs(self, protocol: str) -> dict[str, Any]:
         if protocol not in ("s3", "s3a"):
             return {}
         kwargs: dict[str, Any] = {"use_listings_cache": False}  # checkpoints appear mid-run
+        # botocore alone would retry a refused connection silently for ~7 s; keep its retries
+        # short so an outage reaches `with_retries`, which backs off longer and logs each retry.
+        kwargs["config_kwargs"] = {"retries": {"max_attempts": 3, "mode": "standard"}}
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
         if self.profile:
