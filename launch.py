@@ -3,6 +3,7 @@
     python launch.py                                   # the demo: local Ray + S3 on loopback
     python launch.py prepare --task ner --input corpus.conll --output s3://bucket/ds --split train=0.8,dev=0.1,test=0.1
     python launch.py train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
+        (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
     python launch.py evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
 """
 
@@ -42,10 +43,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.config import load_job_config
 
     job = load_job_config(args.config, args.overrides)  # fails here, before Ray starts
-    from cluster.job import run_training
+    from cluster.job import TrainingFailed, run_training
     from cluster.report import print_report
 
-    print_report(run_training(job))
+    try:
+        report = run_training(job, fresh=args.fresh)
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report)
     return 0
 
 
@@ -88,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a job file on Ray (local, or cluster.address)")
     p.add_argument("--config", required=True, help="YAML job file")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete {output}/{name} first instead of resuming an earlier run of that name")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(fn=cmd_train)
 

@@ -69,6 +69,12 @@ class TrainSection(_Section):
     eval_every: int | Literal["epoch"] = Field(
         default="epoch", description="Evaluate (and checkpoint) every N optimizer steps, or each epoch."
     )
+    checkpoint_every_minutes: float | None = Field(
+        default=None, gt=0,
+        description="Also evaluate and checkpoint when this many minutes passed since the last "
+        "checkpoint (checked after each optimizer step; rank 0's clock decides for all ranks). "
+        "None: only eval_every.",
+    )  # fmt: skip
     log_every: int = Field(default=10, ge=1, description="Progress line every N optimizer steps.")
     ledger: bool = Field(
         default=False,

@@ -17,19 +17,85 @@ from cluster.config import JobConfig, to_public_dict
 from data import storage
 from data.manifest import read_manifest
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run's checkpoints
+
+
+class TrainingFailed(RuntimeError):
+    """Training gave up (a worker failed more often than cluster.max_failures allows, or Ray
+    Train's controller failed); the message is one paragraph for the person at the terminal."""
+
 
 def run_dir(job: JobConfig) -> str:
     return storage.join(job.run.output, job.run.name)
 
 
+def previous_run(job: JobConfig) -> tuple[str, int] | None:
+    """(latest checkpoint name, its step) of an earlier run with this run.name and output, from
+    the snapshot Ray Train restores itself from; None if there is none."""
+    options = job.storage_options()
+    uri = storage.join(run_dir(job), SNAPSHOT)
+    if not storage.exists(uri, options):
+        return None
+    latest = json.loads(storage.read_text(uri, options)).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return latest["checkpoint_dir_name"], int(latest.get("metrics", {}).get("step", 0))
+
+
+def start_over(job: JobConfig, say=print) -> list[str]:
+    """Delete {output}/{name} (checkpoints, snapshot, report, model) after saying what goes."""
+    options = job.storage_options()
+    names = storage.list_names(run_dir(job), options)
+    if not names:
+        return []
+    say(f"--fresh: deleting {run_dir(job)}/ ({', '.join(names)})")
+    return storage.remove_tree(run_dir(job), options)
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)  # a RayTaskError wraps the worker's own exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else 'no message'}"
+
+
+def failure_message(job: JobConfig, exc: BaseException, latest: tuple[str, int] | None) -> str:
+    """One paragraph: what failed, how often Ray retried, what is kept, how to go on."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        what = "; ".join(f"rank {rank}: {_one_line(e)}" for rank, e in sorted(failures.items()))
+    else:
+        what = _one_line(getattr(exc, "controller_failure", None) or exc)
+    limit = job.cluster.max_failures
+    retries = "unlimited restarts" if limit < 0 else f"cluster.max_failures={limit} restart(s)"
+    kept = (
+        f"The latest complete checkpoint, {latest[0]} (step {latest[1]}), is kept in {run_dir(job)}/: "
+        "rerun the same command to resume from it, or add --fresh to start over."
+        if latest
+        else "No checkpoint was completed."
+    )
+    return f"training run {job.run.name!r} failed after {retries}: {what}. {kept}"
+
+
+def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list[tuple[str, dict]]:
+    """(name, metrics) pairs, best first: highest eval micro-F1 (ties: the later step), or the
+    latest when there is no eval set. A retake of a step after a fallback past a corrupt
+    checkpoint ('checkpoint-00000022-1') ranks above the directory it replaced."""
+    from training.checkpoint import checkpoint_key
+
+    def key(c: tuple[str, dict]) -> tuple:
+        order = (c[1].get("step", 0), checkpoint_key(c[0]) or (0, 0))
+        return (c[1].get("eval_f1", -1.0), *order) if has_eval else order
+
+    return sorted(candidates, key=key, reverse=True)
+
+
 def select_best(candidates: list[tuple[str, dict]], has_eval: bool) -> tuple[str, dict]:
-    """Pick the checkpoint to export from (name, metrics) pairs: highest eval micro-F1 (ties:
-    the later step), or the latest one when there is no eval set."""
+    """The checkpoint to export: the first of `rank_checkpoints`."""
     if not candidates:
         raise RuntimeError("training reported no checkpoint; nothing to export")
-    if has_eval:
-        return max(candidates, key=lambda c: (c[1].get("eval_f1", -1.0), c[1].get("step", 0)))
-    return max(candidates, key=lambda c: c[1].get("step", 0))
+    return rank_checkpoints(candidates, has_eval)[0]
 
 
 def connect_ray(job: JobConfig) -> None:
@@ -64,7 +130,9 @@ def _train(job: JobConfig) -> Any:
     has_eval = job.data.eval is not None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job},
+        # The fault spec travels in the config: workers inherit the raylet's environment,
+        # which was fixed when Ray started, not this process's current one.
+        train_loop_config={"job": job, "fault": os.environ.get("SHARDTUNE_FAULT")},
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.cluster.num_workers,
@@ -154,23 +222,43 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
     }
 
 
-def run_training(job: JobConfig) -> dict:
-    """The `train` verb: returns the report (also written to {output}/{name}/report.json)."""
+def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
+    """The `train` verb: returns the report (also written to {output}/{name}/report.json).
+    An earlier run of the same run.name resumes from its latest complete checkpoint (Ray Train
+    restores its snapshot); `fresh` deletes it first. Raises TrainingFailed past max_failures."""
+    from ray.train import TrainingFailedError
+
     t0 = time.perf_counter()
     options = job.storage_options()
     train_manifest = read_manifest(job.data.train, options)  # fail before Ray if data is missing
     for uri in (job.data.eval, job.data.test):
         if uri:
             read_manifest(uri, options)
+    if fresh:
+        start_over(job, say)
+    elif previous := previous_run(job):
+        say(f"resuming run {job.run.name} from {previous[0]} (step {previous[1]}) in {run_dir(job)}/; add --fresh to start over")
     connect_ray(job)
-    result = _train(job)
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
+    try:
+        result = _train(job)
+    except TrainingFailedError as exc:
+        raise TrainingFailed(failure_message(job, exc, previous_run(job))) from exc
+    if result.error:  # fit() raises in Ray 2.60; older v2 versions returned the error instead
+        raise TrainingFailed(failure_message(job, result.error, previous_run(job))) from result.error
     candidates = [
         (os.path.basename(ckpt.path.rstrip("/")), metrics) for ckpt, metrics in (result.best_checkpoints or [])
     ]
-    best = select_best(candidates, has_eval=job.data.eval is not None)
-    model_uri = export_best(job, best[0])
+    from training.checkpoint import CheckpointError
+
+    select_best(candidates, has_eval=job.data.eval is not None)  # raises if there is none
+    for best in rank_checkpoints(candidates, has_eval=job.data.eval is not None):
+        try:
+            model_uri = export_best(job, best[0])
+            break
+        except (CheckpointError, FileNotFoundError) as exc:  # damaged after it was reported
+            say(f"not exporting {best[0]}: {exc}; trying the next best checkpoint")
+    else:
+        raise TrainingFailed(f"no reported checkpoint of run {job.run.name!r} could be exported (see above)")
     test = _remote_evaluate(job, model_uri) if job.data.test else None
     history = sorted((m for _, m in candidates), key=lambda m: m.get("step", 0))
     if result.metrics:

@@ -201,3 +201,16 @@ def remove(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = filesystem(uri, options)
     with contextlib.suppress(FileNotFoundError):
         with_retries(f"remove {uri}", lambda: fs.rm_file(path), options)
+
+
+def remove_tree(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Delete a directory (prefix) and everything under it; returns the URIs of the files it
+    removed, so a caller can say what it deleted. One that does not exist yields []."""
+    fs, path = filesystem(uri, options)
+    if not with_retries(f"stat {uri}", lambda: fs.exists(path), options):
+        return []
+    protocol, _ = split_protocol(uri)
+    found = with_retries(f"list {uri}", lambda: fs.find(path), options)
+    removed = [str(f) if protocol == "file" else f"{protocol}://{f}" for f in found]
+    with_retries(f"remove {uri}", lambda: fs.rm(path, recursive=True), options)
+    return sorted(removed)

@@ -9,6 +9,10 @@ the ranks' local directories in storage):
   meta.json                 rank 0: step, epoch, world size, metrics, resolved config
   rank-00003.complete.json  written LAST by each rank: sha256 of every file that rank wrote
 A checkpoint is complete only when all `world_size` completion files exist and match.
+
+Resume (`agree_on_checkpoint`): Ray Train hands every rank the latest checkpoint it registered;
+if that one turns out incomplete or corrupt, the previous complete one in storage is used
+instead, with a line saying which file was wrong. `resume_candidates` decides the order (pure).
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from data import storage
 from data.manifest import sha256_hex
 
 DS_TAG = "ds"
@@ -36,9 +44,12 @@ class TrainState:
     """What a rank needs, beyond the engine, to continue exactly where it stopped."""
 
     epoch: int = 0
-    position: int = 0  # examples of this epoch's segment this rank has consumed
+    position: int = 0  # examples of this epoch's `ranges` this rank has consumed
     step: int = 0  # optimizer steps done (same on every rank)
     micro_step: int = 0  # micro-batches done
+    # Stream ranges this rank reads this epoch (data.shard_plan.Ranges); None = the normal plan.
+    # Explicit after a restart with another world size, until the epoch ends.
+    ranges: tuple | None = None
 
 
 def _file_digests(root: str, names: list[str]) -> dict[str, str]:
@@ -103,38 +114,154 @@ def save(
         json.dump(complete, f, indent=1, sort_keys=True)
 
 
-def verify(ckpt_dir: str) -> dict:
+def _read_json(path: str, where: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as exc:  # a truncated file is not valid JSON
+        raise CheckpointError(f"{where}: {os.path.basename(path)} is unreadable ({exc})") from None
+
+
+def verify(ckpt_dir: str, where: str | None = None) -> dict:
     """Check a downloaded checkpoint: every rank's completion file present and every listed
-    file matching its sha256. Returns meta.json; raises CheckpointError naming the problem."""
+    file matching its sha256. Returns meta.json; raises CheckpointError naming the problem.
+    `where` names the checkpoint in messages (its storage URI) instead of the local copy."""
+    where = where or ckpt_dir
     meta_path = os.path.join(ckpt_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{ckpt_dir}: meta.json missing (incomplete checkpoint)")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+        raise CheckpointError(f"{where}: meta.json missing (incomplete checkpoint)")
+    meta = _read_json(meta_path, where)
     for r in range(meta["world_size"]):
         path = os.path.join(ckpt_dir, f"rank-{r:05d}.complete.json")
         if not os.path.isfile(path):
-            raise CheckpointError(f"{ckpt_dir}: rank {r} never finished writing (no {os.path.basename(path)})")
-        with open(path, encoding="utf-8") as f:
-            listed = json.load(f)["files"]
+            raise CheckpointError(f"{where}: rank {r} never finished writing (no {os.path.basename(path)})")
+        listed = _read_json(path, where)["files"]
         for rel, digest in listed.items():
             full = os.path.join(ckpt_dir, rel)
             if not os.path.isfile(full):
-                raise CheckpointError(f"{ckpt_dir}: {rel} (rank {r}) is missing")
+                raise CheckpointError(f"{where}: {rel} (rank {r}) is missing")
             with open(full, "rb") as fh:
                 if sha256_hex(fh.read()) != digest:
-                    raise CheckpointError(f"{ckpt_dir}: {rel} (rank {r}) does not match its sha256")
+                    raise CheckpointError(f"{where}: {rel} (rank {r}) does not match its sha256")
     return meta
 
 
-def load(engine: Any, ckpt_dir: str, *, rank: int, world_size: int) -> TrainState:
-    """Restore engine, RNG and stream position; fails loudly rather than starting fresh."""
-    meta = verify(ckpt_dir)
+_NAME = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
+
+
+def checkpoint_key(name: str) -> tuple[int, int] | None:
+    """Order of checkpoint directories: 'checkpoint-00000040' -> (40, 0), its retake after a
+    fallback 'checkpoint-00000040-1' -> (40, 1); anything else (model/, ...) -> None."""
+    m = _NAME.fullmatch(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def checkpoint_step(name: str) -> int | None:
+    """'checkpoint-00000040' -> 40; anything else (model/, report.json, ...) -> None."""
+    key = checkpoint_key(name)
+    return key[0] if key else None
+
+
+def new_checkpoint_name(step: int, taken: Iterable[str] = ()) -> str:
+    """'checkpoint-{step:08d}', or with a -N suffix when a directory of that name already
+    exists: after falling back past a corrupt checkpoint the run reaches its step again, and
+    Ray Train must not get two checkpoints sharing one directory (deleting the older by
+    retention would delete the newer)."""
+    taken = set(taken)
+    name, n = f"checkpoint-{step:08d}", 0
+    while name in taken:
+        n += 1
+        name = f"checkpoint-{step:08d}-{n}"
+    return name
+
+
+def resume_candidates(names: Iterable[str], latest: str) -> list[str]:
+    """Checkpoints to try on resume, in order: Ray's latest registered one, then every older
+    `checkpoint-N` found in storage, newest first. Directories newer than `latest` are left
+    out: Ray never registered them (an upload that failed, a driver that died mid-upload), so
+    they were never "the latest" and may hold a half-written state."""
+    latest_key = checkpoint_key(latest)
+    if latest_key is None:
+        raise ValueError(f"{latest!r} is not a checkpoint-N directory name")
+    keys = {n: checkpoint_key(n) for n in names}
+    older = [n for n, k in keys.items() if k is not None and k < latest_key]
+    return [latest, *sorted(older, key=lambda n: keys[n], reverse=True)]
+
+
+def fetch_first_complete(
+    run_uri: str,
+    candidates: list[str],
+    local_root: str,
+    options: storage.StorageOptions | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[str, str] | None:
+    """Download candidates in order; return (name, local dir) of the first that verifies, or
+    None. Each rejected one is reported through `warn` with the file at fault."""
+    for i, name in enumerate(candidates):
+        uri = storage.join(run_uri, name)
+        local = os.path.join(local_root, name)
+        try:
+            storage.download_dir(uri, local, options)
+            verify(local, where=uri)
+        except (CheckpointError, FileNotFoundError) as exc:
+            shutil.rmtree(local, ignore_errors=True)
+            then = f"trying {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint left"
+            warn(f"not resuming from {name}: {exc}; {then}")
+            continue
+        return name, local
+    return None
+
+
+def agree_on_checkpoint(
+    run_uri: str,
+    latest: str,
+    local_root: str,
+    *,
+    rank: int,
+    options: storage.StorageOptions | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[str, str, list[str]]:
+    """Every rank calls this; returns (checkpoint name, verified local copy, names in the run
+    directory), the same name on every rank. Rank 0 alone lists storage and decides, then
+    broadcasts: ranks could see different listings while a deletion is under way, and loading
+    different checkpoints would silently mix states. Raises CheckpointError on every rank when
+    no candidate is complete, so a run never starts fresh by accident."""
+    import torch.distributed as dist
+
+    decision: list[Any] = [None, None, []]  # [name, error message, listing]
+    local = None
+    if rank == 0:
+        decision[2] = storage.list_names(run_uri, options)
+        candidates = resume_candidates(decision[2], latest)
+        found = fetch_first_complete(run_uri, candidates, local_root, options, warn)
+        if found:
+            decision[0], local = found
+        else:
+            decision[1] = (
+                f"{run_uri}: no complete checkpoint to resume from (tried {', '.join(candidates)}); "
+                "refusing to start fresh: fix or remove the run directory (launch.py train --fresh)"
+            )
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    name, error, listing = decision
+    if error:
+        raise CheckpointError(error)
+    if local is None:
+        local = os.path.join(local_root, name)
+        storage.download_dir(storage.join(run_uri, name), local, options)
+    return name, local, listing
+
+
+def load(
+    engine: Any, ckpt_dir: str, *, rank: int, world_size: int, where: str | None = None,
+    num_examples: int | None = None,
+) -> TrainState:  # fmt: skip
+    """Restore engine, RNG and stream position; fails loudly rather than starting fresh.
+    `num_examples` (training set size) is needed only when the world size changed."""
+    meta = verify(ckpt_dir, where)
     if meta["world_size"] != world_size:
-        raise CheckpointError(
-            f"{ckpt_dir}: written by {meta['world_size']} workers, now {world_size}; "
-            "resuming with a different world size is not supported yet"
-        )
+        return _load_other_world_size(engine, ckpt_dir, meta["world_size"], rank=rank,
+                                      world_size=world_size, num_examples=num_examples)  # fmt: skip
     path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, DS_TAG), tag=DS_TAG)
     if path is None:  # DeepSpeed returns (None, None) instead of raising when nothing loaded
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no checkpoint under {DS_TAG}/")
@@ -143,3 +270,59 @@ def load(engine: Any, ckpt_dir: str, *, rank: int, world_size: int) -> TrainStat
     np.random.set_state(blob["rng"]["numpy"])
     random.setstate(blob["rng"]["python"])
     return TrainState(**blob["train_state"])
+
+
+def _load_other_world_size(
+    engine: Any, ckpt_dir: str, old_world: int, *, rank: int, world_size: int, num_examples: int | None
+) -> TrainState:
+    """Resume with a different number of workers. Data: the new ranks split what the old ranks
+    had not consumed of the interrupted epoch (data.shard_plan.reshard_rest_of_epoch). Model:
+    DeepSpeed 0.19 refuses ZeRO optimizer partitions written for another DP size (only a
+    universal checkpoint, converted offline, would carry them over), so ZeRO 1/2 restore the
+    weights, scheduler and step counters and start the Adam moments from zero; plain fp32
+    (ZeRO 0) keeps its optimizer state whole."""
+    from data.shard_plan import reshard_rest_of_epoch, segment_ranges, train_segment
+
+    if num_examples is None:
+        raise ValueError("num_examples is needed to resume with a different world size")
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
+        raise CheckpointError(
+            f"{ckpt_dir}: written by {old_world} ZeRO-3 workers, now {world_size}; ZeRO-3 "
+            "partitions can only resume with the same number of workers (use stage 0-2 to change it)"
+        )
+    keep_moments = stage == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled()
+    path, _ = engine.load_checkpoint(
+        os.path.join(ckpt_dir, DS_TAG), tag=DS_TAG, load_optimizer_states=keep_moments
+    )
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no checkpoint under {DS_TAG}/")
+    if not engine.zero_optimization() and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()  # bf16 master weights from the loaded module
+    blobs = [
+        torch.load(os.path.join(ckpt_dir, f"rank-{r:05d}.state.pt"), weights_only=False)
+        for r in range(old_world)
+    ]
+    old = [TrainState(**b["train_state"]) for b in blobs]
+    consumed = [
+        (s.ranges if s.ranges is not None else segment_ranges(train_segment(num_examples, old_world, r), num_examples),
+         s.position)
+        for r, s in enumerate(old)
+    ]
+    share = reshard_rest_of_epoch(num_examples, consumed, world_size)[rank]
+    rng = blobs[rank % old_world]["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rank == 0:
+        moments = "kept" if keep_moments else "RESET to zero (ZeRO partitions are per worker count)"
+        message = (
+            f"[shardtune] resuming {old_world} -> {world_size} workers at step {old[0].step}: "
+            f"weights, LR schedule and step restored, optimizer moments {moments}; the rest of "
+            f"epoch {old[0].epoch + 1} is split anew ({len(share)} examples per worker, "
+            f"{share.padding} padding)\n"
+        )
+        os.write(1, message.encode())  # not print: Ray Train's print patch doubles lines
+    # At position 0 of a normal epoch the share equals train_segment's plan for the new size.
+    return TrainState(epoch=old[0].epoch, position=0, step=old[0].step, micro_step=old[0].micro_step,
+                      ranges=share.ranges)  # fmt: skip

