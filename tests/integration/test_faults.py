@@ -171,8 +171,9 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, local_ray
 
 
 def test_more_failures_than_max_failures_is_a_clear_error(s3, local_ray, prepared, tiny_model_dir, tmp_path, monkeypatch, capsys):  # fmt: skip
+    # Restarts themselves are shown above; 0 allowed keeps this to one worker-group start.
     monkeypatch.setenv("SHARDTUNE_FAULT", f"raise@step=1,rank=1,times=3,dir={tmp_path / 'fault'}")
-    tree = job_tree("too-many-failures", s3.endpoint_url, prepared, tiny_model_dir, max_failures=1)
+    tree = job_tree("too-many-failures", s3.endpoint_url, prepared, tiny_model_dir, max_failures=0)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tree))
 
@@ -180,12 +181,12 @@ def test_more_failures_than_max_failures_is_a_clear_error(s3, local_ray, prepare
 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 1
-    assert len(list((tmp_path / "fault").glob("fired-*"))) == 2  # first try + 1 restart
+    assert len(list((tmp_path / "fault").glob("fired-*"))) == 1  # no restart allowed
     assert len(errors) == 1  # one paragraph (Ray's own log lines aside)
     assert errors[0].startswith(
-        "error: training run 'too-many-failures' failed after cluster.max_failures=1 restart(s): "
+        "error: training run 'too-many-failures' failed after cluster.max_failures=0 restart(s): "
     )
-    assert "rank 1: InjectedFault: injected fault 2/3 at step 1 on rank 1" in errors[0]
+    assert "rank 1: InjectedFault: injected fault 1/3 at step 1 on rank 1" in errors[0]
     assert errors[0].endswith("No checkpoint was completed.")
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     assert not storage.exists(f"{RUNS}/too-many-failures/report.json", options)  # no silent success
