@@ -55,7 +55,7 @@ class TrainSection(_Section):
     epochs: int = Field(default=3, ge=1, description="Passes over the training set.")
     max_steps: int | None = Field(default=None, ge=1, description="Optional cap on optimizer steps.")
     lr: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(default=16, ge=1, description="Windows per micro-batch, per worker.")
+    batch_size: int = Field(default=16, ge=1, description="Sentences (or texts) per micro-batch, per worker; a long sentence adds several windows.")
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     warmup: float = Field(default=0.1, ge=0, le=1, description="Fraction of steps of linear warmup.")
