@@ -192,6 +192,17 @@ def test_more_failures_than_max_failures_is_a_clear_error(s3, local_ray, prepare
     assert not storage.exists(f"{RUNS}/too-many-failures/report.json", options)  # no silent success
 
 
+def test_time_based_checkpoints_are_decided_together(s3, local_ray, prepared, tiny_model_dir):
+    """train.checkpoint_every_minutes: rank 0's clock decides for all ranks (a rank deciding
+    alone would hang the others in the eval collectives); steps are never the trigger here."""
+    tree = job_tree("by-minutes", s3.endpoint_url, prepared, tiny_model_dir, max_failures=0)
+    tree["train"].update(epochs=1, eval_every=1000, checkpoint_every_minutes=0.01, ledger=False)
+    report = run_training(validate_tree(tree, "test"))
+    steps = [h["step"] for h in report["history"]]
+    assert steps[-1] == STEPS // 2  # one epoch
+    assert len(steps) >= 2 and all(0 < s < STEPS // 2 for s in steps[:-1]), steps  # timed ones
+
+
 # Two local Ray start-ups in subprocesses (~2 min on 2 shared cores): in the slow tier's time budget.
 @pytest.mark.slow
 def test_driver_killed_then_rerun_resumes(
