@@ -1,10 +1,10 @@
 """shardtune entry point: prepare | train | evaluate | demo (the default). No logic of its own.
 
-    python launch.py                                   # the demo: local Ray + S3 on loopback
-    python launch.py prepare --task ner --input corpus.conll --output s3://bucket/ds --split train=0.8,dev=0.1,test=0.1
-    python launch.py train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
-        (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
-    python launch.py evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
+python launch.py                                   # the demo: local Ray + S3 on loopback
+python launch.py prepare --task ner --input corpus.conll --output s3://bucket/ds --split train=0.8,dev=0.1,test=0.1
+python launch.py train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
+    (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
+python launch.py evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import sys
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials from the AWS environment)")
+    p.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint (credentials from the AWS environment)"
+    )
     p.add_argument("--profile", help="named AWS profile")
 
 
@@ -35,7 +37,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         split=split, seed=args.seed, options=_options(args),
     )  # fmt: skip
     for name, m in manifests.items():
-        print(f"{storage.join(args.output, name) if name else args.output}: {m.num_examples} examples, {m.num_tokens} tokens, {len(m.shards)} shard(s), {len(m.labels)} labels")
+        print(
+            f"{storage.join(args.output, name) if name else args.output}: {m.num_examples} examples, {m.num_tokens} tokens, {len(m.shards)} shard(s), {len(m.labels)} labels"
+        )
     return 0
 
 
@@ -60,7 +64,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.metrics import format_report
 
     report = evaluate_exported(
-        args.model, args.data, options=_options(args), batch_size=args.batch_size, max_length=args.max_length
+        args.model,
+        args.data,
+        options=_options(args),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -78,13 +86,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="verb")
 
-    p = sub.add_parser("prepare", help="raw corpus (CoNLL/JSONL/CSV) -> Parquet shards + manifest.json")
+    p = sub.add_parser(
+        "prepare", help="raw corpus (CoNLL/JSONL/CSV) -> Parquet shards + manifest.json"
+    )
     p.add_argument("--task", choices=["ner", "classify"], required=True)
     p.add_argument("--input", nargs="+", required=True, help="files, URIs or globs")
-    p.add_argument("--output", required=True, help="dataset URI (with --split: one dataset per split under it)")
+    p.add_argument(
+        "--output", required=True, help="dataset URI (with --split: one dataset per split under it)"
+    )
     p.add_argument("--shards", type=int, help="number of shards")
     p.add_argument("--shard-size", type=int, help="examples per shard (default 10000)")
     p.add_argument("--split", help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)")
@@ -94,12 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a job file on Ray (local, or cluster.address)")
     p.add_argument("--config", required=True, help="YAML job file")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete {output}/{name} first instead of resuming an earlier run of that name")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete {output}/{name} first instead of resuming an earlier run of that name",
+    )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="entity-level report of an exported model on a prepared dataset")
+    p = sub.add_parser(
+        "evaluate", help="entity-level report of an exported model on a prepared dataset"
+    )
     p.add_argument("--model", required=True, help="exported model URI")
     p.add_argument("--data", required=True, help="prepared dataset URI")
     p.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the default: fine-tune MiniLM on tweet NER, local Ray + S3 on loopback")
+    p = sub.add_parser(
+        "demo", help="the default: fine-tune MiniLM on tweet NER, local Ray + S3 on loopback"
+    )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of configs/demo.yaml")
     p.set_defaults(fn=cmd_demo)
     return parser

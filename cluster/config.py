@@ -33,14 +33,21 @@ class ModelSection(_Section):
         "Never fetched from a hub at run time."
     )
     dropout: float | None = Field(
-        default=None, ge=0, lt=1, description="Override hidden/attention dropout; None keeps the model's."
+        default=None,
+        ge=0,
+        lt=1,
+        description="Override hidden/attention dropout; None keeps the model's.",
     )
 
 
 class DataSection(_Section):
-    train: str = Field(description="URI of the prepared training set (directory with manifest.json).")
+    train: str = Field(
+        description="URI of the prepared training set (directory with manifest.json)."
+    )
     eval: str | None = Field(default=None, description="URI of the prepared evaluation set.")
-    test: str | None = Field(default=None, description="URI of the prepared test set (final report).")
+    test: str | None = Field(
+        default=None, description="URI of the prepared test set (final report)."
+    )
     max_length: int = Field(
         default=128, ge=8, le=8192,
         description="Max sub-word tokens per window incl. special tokens; longer NER "
@@ -53,21 +60,33 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     epochs: int = Field(default=3, ge=1, description="Passes over the training set.")
-    max_steps: int | None = Field(default=None, ge=1, description="Optional cap on optimizer steps.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optional cap on optimizer steps."
+    )
     lr: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(default=16, ge=1, description="Sentences (or texts) per micro-batch, per worker; a long sentence adds several windows.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Sentences (or texts) per micro-batch, per worker; a long sentence adds several windows.",
+    )
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
-    warmup: float = Field(default=0.1, ge=0, le=1, description="Fraction of steps of linear warmup.")
+    warmup: float = Field(
+        default=0.1, ge=0, le=1, description="Fraction of steps of linear warmup."
+    )
     grad_clip: float = Field(default=1.0, ge=0, description="Gradient norm clip; 0 disables.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision."
+    )
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
     offload: Literal["none", "cpu"] = Field(
-        default="none", description="ZeRO offload of optimizer state (stage>=1) and params (stage 3)."
+        default="none",
+        description="ZeRO offload of optimizer state (stage>=1) and params (stage 3).",
     )
     seed: int = Field(default=0, description="Seed for init, data order and dropout.")
     eval_every: int | Literal["epoch"] = Field(
-        default="epoch", description="Evaluate (and checkpoint) every N optimizer steps, or each epoch."
+        default="epoch",
+        description="Evaluate (and checkpoint) every N optimizer steps, or each epoch.",
     )
     checkpoint_every_minutes: float | None = Field(
         default=None, gt=0,
@@ -96,17 +115,22 @@ class ClusterSection(_Section):
     use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(
-        default=0, ge=-1, description="Worker-group restarts from the latest checkpoint; -1 = unlimited."
+        default=0,
+        ge=-1,
+        description="Worker-group restarts from the latest checkpoint; -1 = unlimited.",
     )
     address: str | None = Field(
-        default=None, description="Ray address to join ('auto', 'ray://...'); unset = start a local Ray."
+        default=None,
+        description="Ray address to join ('auto', 'ray://...'); unset = start a local Ray.",
     )
 
 
 class RunSection(_Section):
     name: str = Field(description="Run name: outputs go to {output}/{name}/.")
     output: str = Field(description="URI for checkpoints, report.json and the exported model.")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept (best by eval F1).")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Checkpoints kept (best by eval F1)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -125,7 +149,9 @@ class StorageSection(_Section):
 
 
 class JobConfig(_Section):
-    task: Literal["ner", "classify"] = Field(description="Token classification or sequence classification.")
+    task: Literal["ner", "classify"] = Field(
+        description="Token classification or sequence classification."
+    )
     model: ModelSection
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
@@ -140,7 +166,9 @@ class JobConfig(_Section):
         if t.offload == "cpu" and t.zero_stage == 0:
             problems.append("train.offload: 'cpu' needs train.zero_stage >= 1")
         if t.precision == "fp16" and not self.cluster.use_gpu:
-            problems.append("train.precision: fp16 needs cluster.use_gpu: true (use bf16 or fp32 on CPU)")
+            problems.append(
+                "train.precision: fp16 needs cluster.use_gpu: true (use bf16 or fp32 on CPU)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -174,7 +202,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, float) or (isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value)):
+        if isinstance(value, float) or (
+            isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value)
+        ):
             value = float(value)  # YAML 1.1 reads 1e-4 as a string
         _set_dotted(tree, key, value)
     if problems:
@@ -203,7 +233,9 @@ def validate_tree(tree: Any, source: str) -> JobConfig:
         problems = []
         for err in exc.errors():
             if err["type"] == "value_error" and not err["loc"]:
-                problems.extend(p.strip() for p in err["msg"].removeprefix("Value error, ").split(";"))
+                problems.extend(
+                    p.strip() for p in err["msg"].removeprefix("Value error, ").split(";")
+                )
             else:
                 problems.append(_format_error(err))
         raise ConfigError(source, problems) from None
@@ -221,7 +253,9 @@ def load_job_config(path: str | Path, overrides: list[str] | None = None) -> Job
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        raise ConfigError(
+            str(path), [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]
+        ) from None
     if isinstance(tree, dict):
         tree = apply_overrides(tree, overrides or [])
     return validate_tree(tree, str(path))

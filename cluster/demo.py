@@ -31,8 +31,12 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     use_dummy_credentials()
     with LocalS3() as s3:
         os.environ["AWS_ENDPOINT_URL"] = s3.endpoint_url  # for any boto client started later
-        job = load_job_config(DEMO_CONFIG, [f"storage.endpoint_url={s3.endpoint_url}", *(overrides or [])])
-        print(f"[demo] S3 endpoint {s3.endpoint_url}; local Ray with {job.cluster.num_workers} workers")
+        job = load_job_config(
+            DEMO_CONFIG, [f"storage.endpoint_url={s3.endpoint_url}", *(overrides or [])]
+        )
+        print(
+            f"[demo] S3 endpoint {s3.endpoint_url}; local Ray with {job.cluster.num_workers} workers"
+        )
         bucket = job.data.train.split("://", 1)[1].split("/", 1)[0]
         s3.create_bucket(bucket)
         dataset_root = job.data.train.rsplit("/", 1)[0]
@@ -42,8 +46,12 @@ def run_demo(overrides: list[str] | None = None) -> dict:
             seed=0, options=job.storage_options(),
         )  # fmt: skip
         sizes = ", ".join(f"{k} {m.num_examples}" for k, m in manifests.items())
-        print(f"[demo] prepared {corpus_path()} -> {dataset_root}: {sizes} sentences ({time.perf_counter() - t0:.1f}s)")
+        print(
+            f"[demo] prepared {corpus_path()} -> {dataset_root}: {sizes} sentences ({time.perf_counter() - t0:.1f}s)"
+        )
         report = run_training(job)
         print_report(report)
-        print(f"\n[demo] outputs under {storage.join(job.run.output, job.run.name)} (removed with the demo's S3 server)")
+        print(
+            f"\n[demo] outputs under {storage.join(job.run.output, job.run.name)} (removed with the demo's S3 server)"
+        )
         return report

@@ -164,7 +164,9 @@ def export_best(job: JobConfig, checkpoint_name: str) -> str:
     dst = storage.join(run_dir(job), "model")
     with tempfile.TemporaryDirectory(prefix="shardtune-export-") as tmp:
         storage.download_dir(storage.join(src, "hf_model"), os.path.join(tmp, "hf_model"), options)
-        listed = json.loads(storage.read_text(storage.join(src, "rank-00000.complete.json"), options))["files"]
+        listed = json.loads(
+            storage.read_text(storage.join(src, "rank-00000.complete.json"), options)
+        )["files"]
         from data.manifest import sha256_hex
 
         for rel, digest in listed.items():
@@ -172,7 +174,9 @@ def export_best(job: JobConfig, checkpoint_name: str) -> str:
                 continue
             with open(os.path.join(tmp, *rel.split("/")), "rb") as f:
                 if sha256_hex(f.read()) != digest:
-                    raise CheckpointError(f"{src}/{rel} does not match its sha256; not exporting it")
+                    raise CheckpointError(
+                        f"{src}/{rel} does not match its sha256; not exporting it"
+                    )
         storage.upload_dir(os.path.join(tmp, "hf_model"), dst, options)
     return dst
 
@@ -187,8 +191,11 @@ def _remote_evaluate(job: JobConfig, model_uri: str) -> dict:
     task = ray.remote(num_cpus=1, num_gpus=1 if job.cluster.use_gpu else 0)(evaluate_exported)
     return ray.get(
         task.remote(
-            model_uri, job.data.test, options=job.storage_options(),
-            batch_size=job.train.batch_size, max_length=job.data.max_length,
+            model_uri,
+            job.data.test,
+            options=job.storage_options(),
+            batch_size=job.train.batch_size,
+            max_length=job.data.max_length,
         )  # fmt: skip
     )
 
@@ -201,7 +208,9 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
         "task": job.task,
         "model": model_uri,
         "best_checkpoint": best[0],
-        "best_eval": {k: v for k, v in best[1].items() if k.startswith("eval_") and k != "eval_counts"},
+        "best_eval": {
+            k: v for k, v in best[1].items() if k.startswith("eval_") and k != "eval_counts"
+        },
         "test": test,
         "throughput": {
             "train_examples_per_s": last.get("examples_per_s"),
@@ -237,16 +246,21 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
     if fresh:
         start_over(job, say)
     elif previous := previous_run(job):
-        say(f"resuming run {job.run.name} from {previous[0]} (step {previous[1]}) in {run_dir(job)}/; add --fresh to start over")
+        say(
+            f"resuming run {job.run.name} from {previous[0]} (step {previous[1]}) in {run_dir(job)}/; add --fresh to start over"
+        )
     connect_ray(job)
     try:
         result = _train(job)
     except TrainingFailedError as exc:
         raise TrainingFailed(failure_message(job, exc, previous_run(job))) from exc
     if result.error:  # fit() raises in Ray 2.60; older v2 versions returned the error instead
-        raise TrainingFailed(failure_message(job, result.error, previous_run(job))) from result.error
+        raise TrainingFailed(
+            failure_message(job, result.error, previous_run(job))
+        ) from result.error
     candidates = [
-        (os.path.basename(ckpt.path.rstrip("/")), metrics) for ckpt, metrics in (result.best_checkpoints or [])
+        (os.path.basename(ckpt.path.rstrip("/")), metrics)
+        for ckpt, metrics in (result.best_checkpoints or [])
     ]
     from training.checkpoint import CheckpointError
 
@@ -258,14 +272,20 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
         except (CheckpointError, FileNotFoundError) as exc:  # damaged after it was reported
             say(f"not exporting {best[0]}: {exc}; trying the next best checkpoint")
     else:
-        raise TrainingFailed(f"no reported checkpoint of run {job.run.name!r} could be exported (see above)")
+        raise TrainingFailed(
+            f"no reported checkpoint of run {job.run.name!r} could be exported (see above)"
+        )
     test = _remote_evaluate(job, model_uri) if job.data.test else None
     history = sorted((m for _, m in candidates), key=lambda m: m.get("step", 0))
     if result.metrics:
-        history = [h for h in history if h.get("step") != result.metrics.get("step")] + [result.metrics]
+        history = [h for h in history if h.get("step") != result.metrics.get("step")] + [
+            result.metrics
+        ]
     report = build_report(
         job, best=best, history=history, test=test, model_uri=model_uri,
         wall_s=time.perf_counter() - t0, train_manifest=train_manifest,
     )  # fmt: skip
-    storage.write_text(storage.join(run_dir(job), "report.json"), json.dumps(report, indent=2), options)
+    storage.write_text(
+        storage.join(run_dir(job), "report.json"), json.dumps(report, indent=2), options
+    )
     return report

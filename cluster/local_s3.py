@@ -41,14 +41,18 @@ class LocalS3:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {self._proc.returncode} (port {self.port} taken?)")
+                raise RuntimeError(
+                    f"moto server exited with {self._proc.returncode} (port {self.port} taken?)"
+                )
             try:
                 urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1).read()
                 return self
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within {timeout_s:.0f}s")
+        raise RuntimeError(
+            f"moto server did not answer on {self.endpoint_url} within {timeout_s:.0f}s"
+        )
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:

@@ -15,7 +15,9 @@ def print_report(report: dict) -> None:
     print()
     print(f"== shardtune run {report['run']} ({report['task']}) ==")
     print(f"model:           {report['model']}")
-    print(f"best checkpoint: {report['best_checkpoint']}  eval micro-F1 {_num(best.get('eval_f1'), '.4f')}")
+    print(
+        f"best checkpoint: {report['best_checkpoint']}  eval micro-F1 {_num(best.get('eval_f1'), '.4f')}"
+    )
     print(
         f"throughput:      {_num(tp.get('train_examples_per_s'), '.1f')} examples/s, "
         f"{_num(tp.get('train_tokens_per_s'), '.0f')} non-pad tokens/s (all workers)"

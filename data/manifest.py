@@ -106,7 +106,9 @@ def read_shard_rows(
     return rows
 
 
-def read_all_rows(dataset_uri: str, options: storage.StorageOptions | None = None) -> tuple[Manifest, list[dict]]:
+def read_all_rows(
+    dataset_uri: str, options: storage.StorageOptions | None = None
+) -> tuple[Manifest, list[dict]]:
     """Whole dataset in corpus order (for evaluation of small sets and for tests)."""
     manifest = read_manifest(dataset_uri, options)
     rows: list[dict] = []

@@ -182,7 +182,9 @@ def download_dir(uri: str, local_dir: str, options: StorageOptions | None = None
         rel = posixpath.relpath(str(remote), path.rstrip("/"))
         dst = os.path.join(local_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with_retries(f"download {rel} from {uri}", lambda r=remote, d=dst: fs.get_file(r, d), options)
+        with_retries(
+            f"download {rel} from {uri}", lambda r=remote, d=dst: fs.get_file(r, d), options
+        )
 
 
 def iter_glob(pattern: str, options: StorageOptions | None = None) -> Iterator[str]:

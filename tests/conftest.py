@@ -11,7 +11,21 @@ import pytest
 PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
 PLACES = ["paris", "london", "berlin", "madrid", "rome", "vienna", "oslo", "lisbon"]
 ORGS = [["acme", "corp"], ["globex"], ["initech"], ["umbrella", "labs"], ["stark", "industries"]]
-FILLER = ["the", "a", "today", "really", "went", "to", "saw", "met", "with", "and", "likes", "from", "at"]
+FILLER = [
+    "the",
+    "a",
+    "today",
+    "really",
+    "went",
+    "to",
+    "saw",
+    "met",
+    "with",
+    "and",
+    "likes",
+    "from",
+    "at",
+]
 
 
 def synthetic_sentences(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
@@ -67,4 +81,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_conll(tmp_path_factory) -> Path:
-    return write_conll(tmp_path_factory.mktemp("corpus") / "synthetic.conll", synthetic_sentences(240, seed=1))
+    return write_conll(
+        tmp_path_factory.mktemp("corpus") / "synthetic.conll", synthetic_sentences(240, seed=1)
+    )

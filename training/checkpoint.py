@@ -78,7 +78,9 @@ def gather_full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         if rank != 0:
             return None
-        return {k: v.detach().to(torch.float32).cpu().clone() for k, v in module.state_dict().items()}
+        return {
+            k: v.detach().to(torch.float32).cpu().clone() for k, v in module.state_dict().items()
+        }
 
 
 def save(
@@ -99,7 +101,10 @@ def save(
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    torch.save({"train_state": asdict(state), "rng": rng}, os.path.join(local_dir, f"rank-{rank:05d}.state.pt"))
+    torch.save(
+        {"train_state": asdict(state), "rng": rng},
+        os.path.join(local_dir, f"rank-{rank:05d}.state.pt"),
+    )
     full = gather_full_state_dict(engine, rank)
     if rank == 0:
         hf_dir = os.path.join(local_dir, "hf_model")
@@ -107,10 +112,17 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(hf_dir)
         with open(os.path.join(local_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({"world_size": world_size, **asdict(state), **(meta or {})}, f, indent=2, sort_keys=True)
+            json.dump(
+                {"world_size": world_size, **asdict(state), **(meta or {})},
+                f,
+                indent=2,
+                sort_keys=True,
+            )
     written = sorted(_walk(local_dir) - before)
     complete = {"rank": rank, "world_size": world_size, "files": _file_digests(local_dir, written)}
-    with open(os.path.join(local_dir, f"rank-{rank:05d}.complete.json"), "w", encoding="utf-8") as f:
+    with open(
+        os.path.join(local_dir, f"rank-{rank:05d}.complete.json"), "w", encoding="utf-8"
+    ) as f:
         json.dump(complete, f, indent=1, sort_keys=True)
 
 
@@ -134,7 +146,9 @@ def verify(ckpt_dir: str, where: str | None = None) -> dict:
     for r in range(meta["world_size"]):
         path = os.path.join(ckpt_dir, f"rank-{r:05d}.complete.json")
         if not os.path.isfile(path):
-            raise CheckpointError(f"{where}: rank {r} never finished writing (no {os.path.basename(path)})")
+            raise CheckpointError(
+                f"{where}: rank {r} never finished writing (no {os.path.basename(path)})"
+            )
         listed = _read_json(path, where)["files"]
         for rel, digest in listed.items():
             full = os.path.join(ckpt_dir, rel)
@@ -205,7 +219,11 @@ def fetch_first_complete(
             verify(local, where=uri)
         except (CheckpointError, FileNotFoundError) as exc:
             shutil.rmtree(local, ignore_errors=True)
-            then = f"trying {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint left"
+            then = (
+                f"trying {candidates[i + 1]}"
+                if i + 1 < len(candidates)
+                else "no older checkpoint left"
+            )
             warn(f"not resuming from {name}: {exc}; {then}")
             continue
         return name, local
@@ -273,7 +291,13 @@ def load(
 
 
 def _load_other_world_size(
-    engine: Any, ckpt_dir: str, old_world: int, *, rank: int, world_size: int, num_examples: int | None
+    engine: Any,
+    ckpt_dir: str,
+    old_world: int,
+    *,
+    rank: int,
+    world_size: int,
+    num_examples: int | None,
 ) -> TrainState:
     """Resume with a different number of workers. Data: the new ranks split what the old ranks
     had not consumed of the interrupted epoch (data.shard_plan.reshard_rest_of_epoch). Model:
@@ -305,8 +329,12 @@ def _load_other_world_size(
     ]
     old = [TrainState(**b["train_state"]) for b in blobs]
     consumed = [
-        (s.ranges if s.ranges is not None else segment_ranges(train_segment(num_examples, old_world, r), num_examples),
-         s.position)
+        (
+            s.ranges
+            if s.ranges is not None
+            else segment_ranges(train_segment(num_examples, old_world, r), num_examples),
+            s.position,
+        )
         for r, s in enumerate(old)
     ]
     share = reshard_rest_of_epoch(num_examples, consumed, world_size)[rank]

@@ -30,14 +30,28 @@ def metric_names(task: str, labels: Sequence[str]) -> list[str]:
 
 
 def encode_row(
-    task: str, row: dict, tokenizer: Any, label2id: dict[str, int], max_length: int, stats: AlignmentStats
+    task: str,
+    row: dict,
+    tokenizer: Any,
+    label2id: dict[str, int],
+    max_length: int,
+    stats: AlignmentStats,
 ) -> list:
     """One prepared row -> its model inputs (NER: one or more windows; classify: one text).
     Tags unknown to the model (possible only when evaluating foreign data) get IGNORE_INDEX."""
     if task == "ner":
         tag_ids = [label2id.get(tag, IGNORE_INDEX) for tag in row["tags"]]
         return encode_sentence(row["id"], row["tokens"], tag_ids, tokenizer, max_length, stats)
-    return [encode_text(row["id"], row["text"], label2id.get(row["label"], IGNORE_INDEX), tokenizer, max_length, stats)]
+    return [
+        encode_text(
+            row["id"],
+            row["text"],
+            label2id.get(row["label"], IGNORE_INDEX),
+            tokenizer,
+            max_length,
+            stats,
+        )
+    ]
 
 
 @dataclass
@@ -121,7 +135,9 @@ def evaluate_rows(
 
 def _dummy_batch(pad_id: int, device: torch.device | str, task: str) -> dict[str, torch.Tensor]:
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    labels = torch.full((1, 2) if task == "ner" else (1,), IGNORE_INDEX, dtype=torch.long, device=device)
+    labels = torch.full(
+        (1, 2) if task == "ner" else (1,), IGNORE_INDEX, dtype=torch.long, device=device
+    )
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -147,7 +163,9 @@ def evaluate_exported(
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     manifest, rows = read_all_rows(data_uri, options)
     if manifest.task != task:
-        raise ValueError(f"{data_uri} is a {manifest.task!r} dataset but {model_uri} is a {task!r} model")
+        raise ValueError(
+            f"{data_uri} is a {manifest.task!r} dataset but {model_uri} is a {task!r} model"
+        )
     if task == "ner":
         names = sorted(set(metric_names(task, labels)) | set(manifest.entity_types))
     else:
@@ -167,5 +185,7 @@ def evaluate_exported(
         **metrics.scores_from_counts(result.counts, names),
     }
     if keep_predictions:
-        report["predictions"] = {row["id"]: p for row, p in zip(rows, result.predictions, strict=True)}
+        report["predictions"] = {
+            row["id"]: p for row, p in zip(rows, result.predictions, strict=True)
+        }
     return report

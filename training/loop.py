@@ -116,8 +116,14 @@ def train_worker(config: dict) -> None:
     )  # fmt: skip
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": tc.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": tc.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
     ]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     device = engine.device
@@ -140,12 +146,16 @@ def train_worker(config: dict) -> None:
     fault = faults.parse_fault(config.get("fault"))
     if state.ranges is not None:  # resumed with another world size: the epoch's rest was resplit
         rest = -(-(ranges_len(state.ranges) - state.position) // tc.batch_size)
-        total_steps = state.step + (rest + micro_per_epoch * (tc.epochs - state.epoch - 1)) // tc.grad_accum
+        total_steps = (
+            state.step + (rest + micro_per_epoch * (tc.epochs - state.epoch - 1)) // tc.grad_accum
+        )
         total_steps = min(total_steps, tc.max_steps or total_steps)
     ledger = None
     if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
         ledger_run = storage.join(job.run.output, job.run.name)
-        attempt = int(_all_reduce([next_attempt(ledger_run, options) if rank == 0 else 0], device, "max")[0])
+        attempt = int(
+            _all_reduce([next_attempt(ledger_run, options) if rank == 0 else 0], device, "max")[0]
+        )
         ledger = LedgerWriter(ledger_run, rank=rank, attempt=attempt, world_size=world, options=options,
                               resumed_step=state.step if resumed_from is not None else None)  # fmt: skip
 
@@ -154,9 +164,14 @@ def train_worker(config: dict) -> None:
     names = metric_names(job.task, labels)
     if job.data.eval:
         eval_manifest = read_manifest(job.data.eval, options)
-        plan = EpochPlan(tuple(s.num_examples for s in eval_manifest.shards), seed=0, epoch=0, shuffle=False)
+        plan = EpochPlan(
+            tuple(s.num_examples for s in eval_manifest.shards), seed=0, epoch=0, shuffle=False
+        )
         stream = ShardStream(job.data.eval, eval_manifest, plan, options, job.data.shards_in_memory)
-        eval_rows = [row for _, row in stream.iter_from(eval_segment(eval_manifest.num_examples, world, rank))]
+        eval_rows = [
+            row
+            for _, row in stream.iter_from(eval_segment(eval_manifest.num_examples, world, rank))
+        ]
         stream.close()
 
     meter = Meter()
@@ -182,7 +197,10 @@ def train_worker(config: dict) -> None:
                 tokenizer=tokenizer, max_length=job.data.max_length, batch_size=tc.batch_size,
                 device=device, min_batches=max_batches,
             )  # fmt: skip
-            flat = result.counts.reshape(-1).tolist() + [result.loss_sum, result.batches if eval_rows else 0]
+            flat = result.counts.reshape(-1).tolist() + [
+                result.loss_sum,
+                result.batches if eval_rows else 0,
+            ]
             summed = _all_reduce(flat, device)
             counts = np.asarray(summed[:-2], dtype=np.int64).reshape(len(names), 3)
             scores = scores_from_counts(counts, names)
@@ -193,7 +211,15 @@ def train_worker(config: dict) -> None:
             )  # fmt: skip
         engine.train()
         ex, tok, loss_sum, loss_n, secs, data_secs = _all_reduce(
-            [meter.examples, meter.tokens, meter.loss_sum, meter.loss_n, meter.seconds, meter.data_seconds], device
+            [
+                meter.examples,
+                meter.tokens,
+                meter.loss_sum,
+                meter.loss_n,
+                meter.seconds,
+                meter.data_seconds,
+            ],
+            device,
         )
         metrics["data_wait_fraction"] = data_secs / secs if secs else 0.0  # of step time, all ranks
         secs /= world  # ranks train concurrently: mean wall time, not the sum
@@ -231,7 +257,8 @@ def train_worker(config: dict) -> None:
             say(
                 f"eval @ step {state.step}: micro-F1 {metrics['eval_f1']:.4f} "
                 f"P {metrics['eval_precision']:.4f} R {metrics['eval_recall']:.4f} "
-                f"loss {metrics['eval_loss']:.4f}" + ("" if at_boundary else " (no checkpoint: mid-accumulation)")
+                f"loss {metrics['eval_loss']:.4f}"
+                + ("" if at_boundary else " (no checkpoint: mid-accumulation)")
             )
 
     # -- train ----------------------------------------------------------------------------------
@@ -247,7 +274,9 @@ def train_worker(config: dict) -> None:
         plan = EpochPlan(shard_sizes, seed=tc.seed, epoch=state.epoch)
         ranges = state.ranges  # explicit only for the rest of an epoch resplit for a new world size
         if ranges is None:
-            ranges = segment_ranges(train_segment(manifest.num_examples, world, rank), manifest.num_examples)
+            ranges = segment_ranges(
+                train_segment(manifest.num_examples, world, rank), manifest.num_examples
+            )
         stream = ShardStream(job.data.train, manifest, plan, options, job.data.shards_in_memory)
         rows = stream.iter_ranges(ranges, state.position)
         while True:
@@ -258,8 +287,14 @@ def train_worker(config: dict) -> None:
             meter.data_seconds += time.perf_counter() - t0
             if ledger:
                 ids = [int(row["id"]) for row in chunk]
-                ledger.record(epoch=state.epoch, step=state.step + 1, micro_step=state.micro_step + 1, ids=ids)
-            items = [w for row in chunk for w in encode_row(job.task, row, tokenizer, label2id, job.data.max_length, stats)]
+                ledger.record(
+                    epoch=state.epoch, step=state.step + 1, micro_step=state.micro_step + 1, ids=ids
+                )
+            items = [
+                w
+                for row in chunk
+                for w in encode_row(job.task, row, tokenizer, label2id, job.data.max_length, stats)
+            ]
             batch = collate(items, pad_id)
             n_tokens = batch.pop("num_tokens")
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -280,7 +315,11 @@ def train_worker(config: dict) -> None:
             faults.maybe_fail(fault, step=state.step, rank=rank)
             if rank == 0 and (state.step % tc.log_every == 0 or state.step == 1):
                 rate = meter.examples / meter.seconds if meter.seconds else 0.0
-                eta = (total_steps - state.step) * meter.seconds / max(1, meter.loss_n // tc.grad_accum)
+                eta = (
+                    (total_steps - state.step)
+                    * meter.seconds
+                    / max(1, meter.loss_n // tc.grad_accum)
+                )
                 say(
                     f"step {state.step}/{total_steps} epoch {state.epoch + 1}/{tc.epochs} "
                     f"loss {meter.loss_sum / meter.loss_n:.4f} lr {engine.get_lr()[0]:.2e} "
@@ -291,7 +330,10 @@ def train_worker(config: dict) -> None:
             if tc.checkpoint_every_minutes and not due:
                 # Rank 0's clock decides for all: a rank that decided alone would enter the
                 # evaluation collectives without the others and hang.
-                late = rank == 0 and time.perf_counter() - last_checkpoint_t >= tc.checkpoint_every_minutes * 60
+                late = (
+                    rank == 0
+                    and time.perf_counter() - last_checkpoint_t >= tc.checkpoint_every_minutes * 60
+                )
                 due = _all_reduce([float(late)], device, "max")[0] > 0
             if due:
                 evaluate_and_report()

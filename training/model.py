@@ -25,13 +25,17 @@ def resolve_model_dir(uri: str, options: storage.StorageOptions | None = None) -
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            raise FileNotFoundError(f"model.name_or_path: package {name!r} is not installed") from exc
+            raise FileNotFoundError(
+                f"model.name_or_path: package {name!r} is not installed"
+            ) from exc
         getter = getattr(module, "get_model_path", None)
         uri = str(getter()) if getter else os.path.join(os.path.dirname(module.__file__), "model")
     if storage.is_local(uri):
         path = storage.split_protocol(uri)[1]
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model.name_or_path: {uri} has no config.json (not a model directory)")
+            raise FileNotFoundError(
+                f"model.name_or_path: {uri} has no config.json (not a model directory)"
+            )
         return path
     # A fresh copy per process: a URI's content can change between runs (a re-exported
     # model), so a cache keyed by URI would silently serve stale weights.
@@ -39,7 +43,9 @@ def resolve_model_dir(uri: str, options: storage.StorageOptions | None = None) -
     atexit.register(shutil.rmtree, local, True)
     storage.download_dir(uri, local, options)
     if not os.path.isfile(os.path.join(local, "config.json")):
-        raise FileNotFoundError(f"model.name_or_path: {uri} has no config.json (not a model directory)")
+        raise FileNotFoundError(
+            f"model.name_or_path: {uri} has no config.json (not a model directory)"
+        )
     return local
 
 
@@ -48,7 +54,9 @@ def build_tokenizer(model_dir: str) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{model_dir}: a fast tokenizer (tokenizer.json) is needed for word alignment")
+        raise ValueError(
+            f"{model_dir}: a fast tokenizer (tokenizer.json) is needed for word alignment"
+        )
     return tokenizer
 
 
@@ -62,7 +70,9 @@ def build_model(model_dir: str, task: str, labels: list[str], dropout: float | N
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in enumerate(labels)}
-    config = AutoConfig.from_pretrained(model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
+    config = AutoConfig.from_pretrained(
+        model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id
+    )
     if dropout is not None:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if hasattr(config, name):
@@ -89,7 +99,9 @@ def load_exported(model_dir: str, task: str | None = None) -> tuple[Any, Any, st
         config = json.load(f)
     if task is None:
         task = config.get("shardtune_task") or (
-            "ner" if any(a.endswith("ForTokenClassification") for a in config.get("architectures", [])) else "classify"
+            "ner"
+            if any(a.endswith("ForTokenClassification") for a in config.get("architectures", []))
+            else "classify"
         )
     auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
     model = auto.from_pretrained(model_dir)

@@ -31,7 +31,9 @@ def local_ray(s3):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING"
+    )
     yield ray
     ray.shutdown()
 
@@ -46,4 +48,9 @@ def prepared(s3, synthetic_conll):
     root = f"s3://{BUCKET}/data/synthetic"
     prepare("ner", [str(synthetic_conll)], root, split={"train": 0.7, "dev": 0.15, "test": 0.15},
             shards=3, seed=0, options=options)  # fmt: skip
-    return {"train": f"{root}/train", "dev": f"{root}/dev", "test": f"{root}/test", "options": options}
+    return {
+        "train": f"{root}/train",
+        "dev": f"{root}/dev",
+        "test": f"{root}/test",
+        "options": options,
+    }

@@ -24,11 +24,28 @@ def job_for(stage: int, s3, prepared, tiny_model_dir, **train):
         {
             "task": "ner",
             "model": {"name_or_path": tiny_model_dir},
-            "data": {"train": prepared["train"], "eval": prepared["dev"], "test": prepared["test"], "max_length": 32},
-            "train": {"epochs": 4, "lr": 3e-3, "batch_size": 8, "warmup": 0.1, "zero_stage": stage,
-                      "seed": 1, "log_every": 5, **train},  # fmt: skip
+            "data": {
+                "train": prepared["train"],
+                "eval": prepared["dev"],
+                "test": prepared["test"],
+                "max_length": 32,
+            },
+            "train": {
+                "epochs": 4,
+                "lr": 3e-3,
+                "batch_size": 8,
+                "warmup": 0.1,
+                "zero_stage": stage,
+                "seed": 1,
+                "log_every": 5,
+                **train,
+            },  # fmt: skip
             "cluster": {"num_workers": 2, "cpus_per_worker": 1},
-            "run": {"name": f"tiny-zero{stage}", "output": f"s3://{BUCKET}/runs", "keep_checkpoints": 2},
+            "run": {
+                "name": f"tiny-zero{stage}",
+                "output": f"s3://{BUCKET}/runs",
+                "keep_checkpoints": 2,
+            },
             "storage": {"endpoint_url": s3.endpoint_url},
         },
         "test",
@@ -62,12 +79,17 @@ def test_train_export_evaluate(stage, s3, local_ray, prepared, tiny_model_dir, t
     report = run_training(job)
 
     # report.json in storage is what the driver returned
-    stored = json.loads(storage.read_text(f"s3://{BUCKET}/runs/tiny-zero{stage}/report.json", options))
+    stored = json.loads(
+        storage.read_text(f"s3://{BUCKET}/runs/tiny-zero{stage}/report.json", options)
+    )
     assert stored["best_checkpoint"] == report["best_checkpoint"]
     history = report["history"]
     assert [h["step"] for h in history] == sorted(h["step"] for h in history)
     assert history[-1]["eval_loss"] < history[0]["eval_loss"]  # it learned
-    assert report["throughput"]["train_examples_per_s"] > 0 and report["throughput"]["train_tokens_per_s"] > 0
+    assert (
+        report["throughput"]["train_examples_per_s"] > 0
+        and report["throughput"]["train_tokens_per_s"] > 0
+    )
     assert report["timing"]["wall_seconds"] > 0 and report["test"]["examples"] > 0
     assert "secret" not in json.dumps(report).lower()
 
@@ -80,7 +102,9 @@ def test_train_export_evaluate(stage, s3, local_ray, prepared, tiny_model_dir, t
     storage.download_dir(report["model"], str(local), options)
     assert (local / "model.safetensors").exists()
     _, test_rows = read_all_rows(prepared["test"], options)
-    ours = evaluate_exported(report["model"], prepared["test"], options=options, keep_predictions=True)
+    ours = evaluate_exported(
+        report["model"], prepared["test"], options=options, keep_predictions=True
+    )
     theirs = plain_transformers_predictions(str(local), test_rows)
     assert [ours["predictions"][r["id"]] for r in test_rows] == theirs
     gold = [r["tags"] for r in test_rows]
@@ -91,6 +115,10 @@ def test_train_export_evaluate(stage, s3, local_ray, prepared, tiny_model_dir, t
     # distributed eval (2 ranks, all-reduced counts) equals seqeval over the whole dev set
     _, dev_rows = read_all_rows(prepared["dev"], options)
     dev_pred = plain_transformers_predictions(str(local), dev_rows)
-    dev_expected = classification_report([r["tags"] for r in dev_rows], dev_pred, output_dict=True, zero_division=0)
-    assert report["best_eval"]["eval_f1"] == pytest.approx(dev_expected["micro avg"]["f1-score"], abs=1e-9)
+    dev_expected = classification_report(
+        [r["tags"] for r in dev_rows], dev_pred, output_dict=True, zero_division=0
+    )
+    assert report["best_eval"]["eval_f1"] == pytest.approx(
+        dev_expected["micro avg"]["f1-score"], abs=1e-9
+    )
     assert report["best_eval"]["eval_f1"] > 0.3  # a learnable corpus: the model really trained

@@ -54,7 +54,10 @@ extra_section: {}
 
 def test_cross_field_rules(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_job_config(write(tmp_path, GOOD), ["train.offload=cpu", "train.zero_stage=0", "train.precision=fp16"])
+        load_job_config(
+            write(tmp_path, GOOD),
+            ["train.offload=cpu", "train.zero_stage=0", "train.precision=fp16"],
+        )
     problems = info.value.problems
     assert any(p.startswith("train.offload:") for p in problems)
     assert any(p.startswith("train.precision: fp16 needs cluster.use_gpu") for p in problems)
@@ -63,10 +66,18 @@ def test_cross_field_rules(tmp_path):
 def test_overrides_parse_yaml_scalars(tmp_path):
     job = load_job_config(
         write(tmp_path, GOOD),
-        ["train.lr=1e-4", "cluster.use_gpu=true", "train.eval_every=50", "cluster.address=auto", "train.max_steps=null"],
+        [
+            "train.lr=1e-4",
+            "cluster.use_gpu=true",
+            "train.eval_every=50",
+            "cluster.address=auto",
+            "train.max_steps=null",
+        ],
     )
     assert job.train.lr == pytest.approx(1e-4)
-    assert job.cluster.use_gpu is True and job.train.eval_every == 50 and job.cluster.address == "auto"
+    assert (
+        job.cluster.use_gpu is True and job.train.eval_every == 50 and job.cluster.address == "auto"
+    )
 
 
 def test_bad_override_syntax_and_unknown_key(tmp_path):

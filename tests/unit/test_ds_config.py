@@ -44,7 +44,10 @@ def test_offload():
 
 
 def test_no_warmup_and_bad_values():
-    assert build_deepspeed_config(**{**BASE, "warmup": 0.0})["scheduler"]["params"]["warmup_num_steps"] == 0
+    assert (
+        build_deepspeed_config(**{**BASE, "warmup": 0.0})["scheduler"]["params"]["warmup_num_steps"]
+        == 0
+    )
     with pytest.raises(ValueError, match="precision"):
         build_deepspeed_config(**{**BASE, "precision": "fp8"})
     with pytest.raises(ValueError, match="zero_stage"):
