@@ -196,7 +196,9 @@ def test_time_based_checkpoints_are_decided_together(s3, local_ray, prepared, ti
     """train.checkpoint_every_minutes: rank 0's clock decides for all ranks (a rank deciding
     alone would hang the others in the eval collectives); steps are never the trigger here."""
     tree = job_tree("by-minutes", s3.endpoint_url, prepared, tiny_model_dir, max_failures=0)
-    tree["train"].update(epochs=1, eval_every=1000, checkpoint_every_minutes=0.01, ledger=False)
+    tree["train"].update(
+        epochs=1, eval_every=1000, checkpoint_every_minutes=0.001, ledger=False
+    )  # ~60 ms: due at nearly every step
     report = run_training(validate_tree(tree, "test"))
     steps = [h["step"] for h in report["history"]]
     assert steps[-1] == STEPS // 2  # one epoch
