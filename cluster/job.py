@@ -157,7 +157,7 @@ def _train(job: JobConfig) -> Any:
 def export_best(job: JobConfig, checkpoint_name: str) -> str:
     """Copy the consolidated model of a checkpoint to {output}/{name}/model/, after checking
     every file against the checksums its rank recorded. Returns the model URI."""
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import check_files
 
     options = job.storage_options()
     src = storage.join(run_dir(job), checkpoint_name)
@@ -167,16 +167,8 @@ def export_best(job: JobConfig, checkpoint_name: str) -> str:
         listed = json.loads(
             storage.read_text(storage.join(src, "rank-00000.complete.json"), options)
         )["files"]
-        from data.manifest import sha256_hex
-
-        for rel, digest in listed.items():
-            if not rel.startswith("hf_model/"):
-                continue
-            with open(os.path.join(tmp, *rel.split("/")), "rb") as f:
-                if sha256_hex(f.read()) != digest:
-                    raise CheckpointError(
-                        f"{src}/{rel} does not match its sha256; not exporting it"
-                    )
+        model_files = {rel: d for rel, d in listed.items() if rel.startswith("hf_model/")}
+        check_files(tmp, model_files, where=src, rank=0)  # raises before anything is exported
         storage.upload_dir(os.path.join(tmp, "hf_model"), dst, options)
     return dst
 

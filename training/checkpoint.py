@@ -149,15 +149,20 @@ def verify(ckpt_dir: str, where: str | None = None) -> dict:
             raise CheckpointError(
                 f"{where}: rank {r} never finished writing (no {os.path.basename(path)})"
             )
-        listed = _read_json(path, where)["files"]
-        for rel, digest in listed.items():
-            full = os.path.join(ckpt_dir, rel)
-            if not os.path.isfile(full):
-                raise CheckpointError(f"{where}: {rel} (rank {r}) is missing")
-            with open(full, "rb") as fh:
-                if sha256_hex(fh.read()) != digest:
-                    raise CheckpointError(f"{where}: {rel} (rank {r}) does not match its sha256")
+        check_files(ckpt_dir, _read_json(path, where)["files"], where=where, rank=r)
     return meta
+
+
+def check_files(root: str, listed: dict[str, str], *, where: str, rank: int) -> None:
+    """Every file a rank's completion record lists (path relative to `root` -> sha256) exists
+    under `root` with that digest; CheckpointError names the first that does not."""
+    for rel, digest in listed.items():
+        full = os.path.join(root, *rel.split("/"))
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{where}: {rel} (rank {rank}) is missing")
+        with open(full, "rb") as fh:
+            if sha256_hex(fh.read()) != digest:
+                raise CheckpointError(f"{where}: {rel} (rank {rank}) does not match its sha256")
 
 
 _NAME = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
@@ -243,7 +248,8 @@ def agree_on_checkpoint(
     directory), the same name on every rank. Rank 0 alone lists storage and decides, then
     broadcasts: ranks could see different listings while a deletion is under way, and loading
     different checkpoints would silently mix states. Raises CheckpointError on every rank when
-    no candidate is complete, so a run never starts fresh by accident."""
+    no candidate is complete, so a run never starts fresh by accident. The returned copy is
+    verified on every rank, so `load` need not hash it again."""
     import torch.distributed as dist
 
     decision: list[Any] = [None, None, []]  # [name, error message, listing]
@@ -264,9 +270,11 @@ def agree_on_checkpoint(
     name, error, listing = decision
     if error:
         raise CheckpointError(error)
-    if local is None:
+    if local is None:  # rank 0 verified its own copy while choosing; check ours once too
+        uri = storage.join(run_uri, name)
         local = os.path.join(local_root, name)
-        storage.download_dir(storage.join(run_uri, name), local, options)
+        storage.download_dir(uri, local, options)
+        verify(local, where=uri)
     return name, local, listing
 
 
@@ -274,9 +282,11 @@ def load(
     engine: Any, ckpt_dir: str, *, rank: int, world_size: int, where: str | None = None,
     num_examples: int | None = None,
 ) -> TrainState:  # fmt: skip
-    """Restore engine, RNG and stream position; fails loudly rather than starting fresh.
-    `num_examples` (training set size) is needed only when the world size changed."""
-    meta = verify(ckpt_dir, where)
+    """Restore engine, RNG and stream position from a copy `agree_on_checkpoint` returned
+    (already verified: hashing a multi-GB checkpoint twice would slow every restart); fails
+    loudly rather than starting fresh. `num_examples` (training set size) is needed only when
+    the world size changed."""
+    meta = _read_json(os.path.join(ckpt_dir, "meta.json"), where or ckpt_dir)
     if meta["world_size"] != world_size:
         return _load_other_world_size(engine, ckpt_dir, meta["world_size"], rank=rank,
                                       world_size=world_size, num_examples=num_examples)  # fmt: skip

@@ -84,6 +84,7 @@ def evaluate_rows(
     lockstep or the others hang.
     """
     label2id = {label: i for i, label in enumerate(labels)}
+    row_of = {name: i for i, name in enumerate(names)}  # classify: class name -> count row
     stats = AlignmentStats()
     counts = np.zeros((len(names), 3), dtype=np.int64)
     result = EvalResult(counts=counts)
@@ -117,9 +118,8 @@ def evaluate_rows(
         if task == "ner":
             counts += metrics.ner_counts(gold, pred, names)
         else:
-            index = {name: i for i, name in enumerate(names)}
             counts += metrics.classification_counts(
-                [index[g] for g in gold], [index[p] for p in pred], len(names)
+                [row_of[g] for g in gold], [row_of[p] for p in pred], len(names)
             )
         if keep_predictions:
             result.predictions.extend(pred)

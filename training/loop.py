@@ -129,11 +129,11 @@ def train_worker(config: dict) -> None:
     device = engine.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    run_uri = storage.join(job.run.output, job.run.name)  # checkpoints, ledger, snapshot
     state = ckpt.TrainState()
     taken: list[str] = []  # names in the run directory at resume: new checkpoints avoid them
     resumed_from = ray.train.get_checkpoint()  # Ray's latest registered; may prove corrupt
     if resumed_from is not None:
-        run_uri = f"{job.run.output.rstrip('/')}/{job.run.name}"
         with tempfile.TemporaryDirectory(prefix="shardtune-resume-") as tmp:
             name, local, taken = ckpt.agree_on_checkpoint(
                 run_uri, os.path.basename(resumed_from.path.rstrip("/")), tmp, rank=rank,
@@ -152,11 +152,10 @@ def train_worker(config: dict) -> None:
         total_steps = min(total_steps, tc.max_steps or total_steps)
     ledger = None
     if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
-        ledger_run = storage.join(job.run.output, job.run.name)
         attempt = int(
-            _all_reduce([next_attempt(ledger_run, options) if rank == 0 else 0], device, "max")[0]
+            _all_reduce([next_attempt(run_uri, options) if rank == 0 else 0], device, "max")[0]
         )
-        ledger = LedgerWriter(ledger_run, rank=rank, attempt=attempt, world_size=world, options=options,
+        ledger = LedgerWriter(run_uri, rank=rank, attempt=attempt, world_size=world, options=options,
                               resumed_step=state.step if resumed_from is not None else None)  # fmt: skip
 
     # -- eval rows: this rank's disjoint part, read once ----------------------------------------
