@@ -70,12 +70,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
-
-    from cluster.config import validate_tree
-    from cluster.job import run_training
-    from cluster.local_s3 import LocalS3, use_dummy_credentials
-    from data.prepare import prepare
-    from data.storage import StorageOptions
+    from shardtune.cluster.config import validate_tree
+    from shardtune.cluster.job import run_training
+    from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
+    from shardtune.data.prepare import prepare
+    from shardtune.data.storage import StorageOptions
 
     use_dummy_credentials()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -217,11 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
+    from shardtune.cluster.config import validate_tree
+    from shardtune.cluster.job import run_training
+    from shardtune.data.prepare import prepare
     from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from cluster.config import validate_tree
-    from cluster.job import run_training
-    from data.prepare import prepare
 
     if smoke:
         model_config = dict(

@@ -22,12 +22,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster.local_s3 import LocalS3, use_dummy_credentials  # noqa: E402
-from data import storage  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from data.shard_plan import EpochPlan, train_segment  # noqa: E402
-from data.stream import ShardStream  # noqa: E402
+from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials  # noqa: E402
+from shardtune.data import storage  # noqa: E402
+from shardtune.data.manifest import read_manifest  # noqa: E402
+from shardtune.data.prepare import prepare  # noqa: E402
+from shardtune.data.shard_plan import EpochPlan, train_segment  # noqa: E402
+from shardtune.data.stream import ShardStream  # noqa: E402
 
 BUCKET = "shardtune-bench"
 
@@ -61,8 +61,8 @@ def stream_once(uri: str, options: storage.StorageOptions | None) -> tuple[float
 
 def train_once(name: str, data: str, output: str, endpoint: str, model: str) -> tuple[float, float]:
     """(training examples/s over 2 workers, data wait fraction) from the run's last report."""
-    from cluster.config import validate_tree
-    from cluster.job import run_training
+    from shardtune.cluster.config import validate_tree
+    from shardtune.cluster.job import run_training
 
     job = validate_tree(
         {

@@ -174,7 +174,7 @@ class JobConfig(_Section):
         return self
 
     def storage_options(self):
-        from data.storage import StorageOptions
+        from shardtune.data.storage import StorageOptions
 
         return StorageOptions(endpoint_url=self.storage.endpoint_url, profile=self.storage.profile)
 

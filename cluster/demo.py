@@ -21,12 +21,12 @@ def corpus_path() -> str:
 
 
 def run_demo(overrides: list[str] | None = None) -> dict:
-    from cluster.config import load_job_config
-    from cluster.job import run_training
-    from cluster.local_s3 import LocalS3, use_dummy_credentials
-    from cluster.report import print_report
-    from data import storage
-    from data.prepare import prepare
+    from shardtune.cluster.config import load_job_config
+    from shardtune.cluster.job import run_training
+    from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
+    from shardtune.cluster.report import print_report
+    from shardtune.data import storage
+    from shardtune.data.prepare import prepare
 
     use_dummy_credentials()
     with LocalS3() as s3:

@@ -13,9 +13,9 @@ import tempfile
 import time
 from typing import Any
 
-from cluster.config import JobConfig, to_public_dict
-from data import storage
-from data.manifest import read_manifest
+from shardtune.cluster.config import JobConfig, to_public_dict
+from shardtune.data import storage
+from shardtune.data.manifest import read_manifest
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run's checkpoints
 
@@ -82,7 +82,7 @@ def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list
     """(name, metrics) pairs, best first: highest eval micro-F1 (ties: the later step), or the
     latest when there is no eval set. A retake of a step after a fallback past a corrupt
     checkpoint ('checkpoint-00000022-1') ranks above the directory it replaced."""
-    from training.checkpoint import checkpoint_key
+    from shardtune.training.checkpoint import checkpoint_key
 
     def key(c: tuple[str, dict]) -> tuple:
         order = (c[1].get("step", 0), checkpoint_key(c[0]) or (0, 0))
@@ -122,8 +122,7 @@ def connect_ray(job: JobConfig) -> None:
 def _train(job: JobConfig) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from training.loop import train_worker
+    from shardtune.training.loop import train_worker
 
     options = job.storage_options()
     fs, path = storage.pyarrow_filesystem(job.run.output, options)
@@ -157,7 +156,7 @@ def _train(job: JobConfig) -> Any:
 def export_best(job: JobConfig, checkpoint_name: str) -> str:
     """Copy the consolidated model of a checkpoint to {output}/{name}/model/, after checking
     every file against the checksums its rank recorded. Returns the model URI."""
-    from training.checkpoint import check_files
+    from shardtune.training.checkpoint import check_files
 
     options = job.storage_options()
     src = storage.join(run_dir(job), checkpoint_name)
@@ -177,8 +176,7 @@ def _remote_evaluate(job: JobConfig, model_uri: str) -> dict:
     """Test evaluation as a Ray task, so it runs where the workers run (a GPU node on a
     cluster), with the same code as `launch.py evaluate`."""
     import ray
-
-    from training.evaluation import evaluate_exported
+    from shardtune.training.evaluation import evaluate_exported
 
     task = ray.remote(num_cpus=1, num_gpus=1 if job.cluster.use_gpu else 0)(evaluate_exported)
     return ray.get(
@@ -254,7 +252,7 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
         (os.path.basename(ckpt.path.rstrip("/")), metrics)
         for ckpt, metrics in (result.best_checkpoints or [])
     ]
-    from training.checkpoint import CheckpointError
+    from shardtune.training.checkpoint import CheckpointError
 
     select_best(candidates, has_eval=job.data.eval is not None)  # raises if there is none
     for best in rank_checkpoints(candidates, has_eval=job.data.eval is not None):

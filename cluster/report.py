@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.metrics import format_report
+from shardtune.training.metrics import format_report
 
 
 def _num(value, fmt: str) -> str:

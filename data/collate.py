@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from typing import TypedDict
 
 import torch
-
-from data.alignment import IGNORE_INDEX, EncodedText, Window
+from shardtune.data.alignment import IGNORE_INDEX, EncodedText, Window
 
 
 class Batch(TypedDict):

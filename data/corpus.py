@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from data import storage
+from shardtune.data import storage
 
 NER_FORMATS = {".conll": "conll", ".txt": "conll", ".iob": "conll", ".bio": "conll",
                ".tsv": "conll", ".jsonl": "jsonl", ".json": "jsonl"}  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from data import storage
+from shardtune.data import storage
 
 LEDGER_DIR = "ledger"
 _ATTEMPT = re.compile(r"^attempt-(\d{5})\.json$")

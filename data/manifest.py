@@ -13,7 +13,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-from data import storage
+from shardtune.data import storage
 
 FORMAT = "shardtune.prepared/1"
 MANIFEST = "manifest.json"

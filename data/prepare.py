@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from itertools import pairwise
 
 import numpy as np
-
-from data import corpus, storage
-from data.manifest import MANIFEST, Manifest, ShardInfo, sha256_hex
+from shardtune.data import corpus, storage
+from shardtune.data.manifest import MANIFEST, Manifest, ShardInfo, sha256_hex
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from data import storage
-from data.manifest import Manifest, read_shard_rows
-from data.shard_plan import EpochPlan, Ranges, Segment, segment_ranges
+from shardtune.data import storage
+from shardtune.data.manifest import Manifest, read_shard_rows
+from shardtune.data.shard_plan import EpochPlan, Ranges, Segment, segment_ranges
 
 
 @dataclass

@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from data import storage
-from data.manifest import sha256_hex
+from shardtune.data import storage
+from shardtune.data.manifest import sha256_hex
 
 DS_TAG = "ds"
 
@@ -315,7 +314,7 @@ def _load_other_world_size(
     universal checkpoint, converted offline, would carry them over), so ZeRO 1/2 restore the
     weights, scheduler and step counters and start the Adam moments from zero; plain fp32
     (ZeRO 0) keeps its optimizer state whole."""
-    from data.shard_plan import reshard_rest_of_epoch, segment_ranges, train_segment
+    from shardtune.data.shard_plan import reshard_rest_of_epoch, segment_ranges, train_segment
 
     if num_examples is None:
         raise ValueError("num_examples is needed to resume with a different world size")

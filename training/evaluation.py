@@ -12,16 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from data.alignment import (
+from shardtune.data.alignment import (
     IGNORE_INDEX,
     AlignmentStats,
     encode_sentence,
     encode_text,
     word_predictions,
 )
-from data.collate import collate
-from training import metrics
+from shardtune.data.collate import collate
+from shardtune.training import metrics
 
 
 def metric_names(task: str, labels: Sequence[str]) -> list[str]:
@@ -154,8 +153,8 @@ def evaluate_exported(
     process with plain transformers: what `launch.py evaluate` prints and report.json holds."""
     import time
 
-    from data.manifest import read_all_rows
-    from training.model import load_exported, resolve_model_dir
+    from shardtune.data.manifest import read_all_rows
+    from shardtune.training.model import load_exported, resolve_model_dir
 
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_uri, options)

@@ -23,20 +23,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from data import storage
-from data.alignment import AlignmentStats
-from data.collate import collate
-from data.ledger import LedgerWriter, next_attempt
-from data.manifest import read_manifest
-from data.shard_plan import EpochPlan, eval_segment, ranges_len, segment_ranges, train_segment
-from data.stream import ShardStream
-from training import checkpoint as ckpt
-from training import faults
-from training.ds_config import build_deepspeed_config, total_optimizer_steps
-from training.evaluation import encode_row, evaluate_rows, metric_names
-from training.metrics import scores_from_counts
-from training.model import build_model, build_tokenizer, resolve_model_dir
+from shardtune.data import storage
+from shardtune.data.alignment import AlignmentStats
+from shardtune.data.collate import collate
+from shardtune.data.ledger import LedgerWriter, next_attempt
+from shardtune.data.manifest import read_manifest
+from shardtune.data.shard_plan import (
+    EpochPlan,
+    eval_segment,
+    ranges_len,
+    segment_ranges,
+    train_segment,
+)
+from shardtune.data.stream import ShardStream
+from shardtune.training import checkpoint as ckpt
+from shardtune.training import faults
+from shardtune.training.ds_config import build_deepspeed_config, total_optimizer_steps
+from shardtune.training.evaluation import encode_row, evaluate_rows, metric_names
+from shardtune.training.metrics import scores_from_counts
+from shardtune.training.model import build_model, build_tokenizer, resolve_model_dir
 
 
 @dataclass

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from data import storage
+from shardtune.data import storage
 
 # Weights must come from the path we were given; a hub lookup would hang on closed networks.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from cluster.local_s3 import LocalS3, use_dummy_credentials
+from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
 
 BUCKET = "shardtune-it"
 
@@ -41,8 +40,8 @@ def local_ray(s3):
 @pytest.fixture(scope="session")
 def prepared(s3, synthetic_conll):
     """The synthetic corpus prepared into s3:// as train/dev/test (train in 3 shards)."""
-    from data.prepare import prepare
-    from data.storage import StorageOptions
+    from shardtune.data.prepare import prepare
+    from shardtune.data.storage import StorageOptions
 
     options = StorageOptions(endpoint_url=s3.endpoint_url)
     root = f"s3://{BUCKET}/data/synthetic"

@@ -14,8 +14,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from cluster.local_s3 import free_port
+from shardtune.cluster.local_s3 import free_port
 
 WORLD = 2
 K_STEPS, N_STEPS = 3, 3
@@ -34,9 +33,8 @@ def _batch(rank: int, step: int, vocab: int) -> dict[str, torch.Tensor]:
 
 def _engine(model_dir: str, stage: int, seed: int):
     import deepspeed
-
-    from training.ds_config import build_deepspeed_config
-    from training.model import build_model
+    from shardtune.training.ds_config import build_deepspeed_config
+    from shardtune.training.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(model_dir, "ner", LABELS)  # dropout on: RNG state matters
@@ -92,8 +90,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str, stages: list[int
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
-
-    from training import checkpoint as ckpt
+    from shardtune.training import checkpoint as ckpt
 
     deepspeed.init_distributed(dist_backend="gloo")
     from transformers import AutoConfig

@@ -24,12 +24,11 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-import launch
-from cluster.config import validate_tree
-from cluster.job import run_training
-from data import storage
-from data.ledger import read_committed
+from shardtune.cluster import cli
+from shardtune.cluster.config import validate_tree
+from shardtune.cluster.job import run_training
+from shardtune.data import storage
+from shardtune.data.ledger import read_committed
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py
 RUNS = f"s3://{BUCKET}/fault-runs"
@@ -177,7 +176,7 @@ def test_more_failures_than_max_failures_is_a_clear_error(s3, local_ray, prepare
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tree))
 
-    rc = launch.main(["train", "--config", str(config)])
+    rc = cli.main(["train", "--config", str(config)])
 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 1

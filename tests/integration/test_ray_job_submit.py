@@ -240,8 +240,7 @@ def _tiny_corpus(task: str, where: Path) -> Path:
 @pytest.mark.parametrize("task", ["ner", "classify"])
 def test_tiny_training_job_succeeds_and_writes_its_report(jobs, tmp_path: Path, task: str) -> None:
     from ray.job_submission import JobStatus
-
-    from data.prepare import prepare
+    from shardtune.data.prepare import prepare
 
     model = _tiny_model(tmp_path / "model")
     data = tmp_path / "data"

@@ -13,12 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from shardtune.cluster.config import validate_tree
+from shardtune.cluster.job import run_training
+from shardtune.data import storage
+from shardtune.data.ledger import read_committed
+from shardtune.data.prepare import prepare
 
-from cluster.config import validate_tree
-from cluster.job import run_training
-from data import storage
-from data.ledger import read_committed
-from data.prepare import prepare
 from tests.integration.flaky_proxy import FlakyProxy
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py

@@ -9,12 +9,11 @@ import json
 import pytest
 import torch
 from seqeval.metrics import classification_report
-
-from cluster.config import validate_tree
-from cluster.job import run_training
-from data import storage
-from data.manifest import read_all_rows
-from training.evaluation import evaluate_exported
+from shardtune.cluster.config import validate_tree
+from shardtune.cluster.job import run_training
+from shardtune.data import storage
+from shardtune.data.manifest import read_all_rows
+from shardtune.training.evaluation import evaluate_exported
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py
 

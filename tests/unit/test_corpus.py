@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2, Entities
-
-from data import corpus
-from data.corpus import CorpusError, ReadReport, Sentence
+from shardtune.data import corpus
+from shardtune.data.corpus import CorpusError, ReadReport, Sentence
 
 
 def _real_corpus() -> Path:

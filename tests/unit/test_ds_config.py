@@ -1,8 +1,7 @@
 """The DeepSpeed config builder."""
 
 import pytest
-
-from training.ds_config import build_deepspeed_config, total_optimizer_steps
+from shardtune.training.ds_config import build_deepspeed_config, total_optimizer_steps
 
 BASE = dict(batch_size=8, grad_accum=2, world_size=4, lr=1e-4, weight_decay=0.01, warmup=0.1,
             total_steps=100, precision="fp32", zero_stage=2, offload="none", grad_clip=1.0)  # fmt: skip

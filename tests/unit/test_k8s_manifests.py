@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shardtune.cluster.config import load_job_config
 
-from cluster.config import load_job_config
 from k8s import validate
 
 ROOT = Path(__file__).resolve().parents[2]

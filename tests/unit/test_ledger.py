@@ -1,7 +1,7 @@
 """The ledger: flushes are cheap appends, and the committed view drops a failed attempt's work
 past the checkpoint the next attempt resumed from."""
 
-from data.ledger import LedgerWriter, next_attempt, read_committed
+from shardtune.data.ledger import LedgerWriter, next_attempt, read_committed
 
 
 def _attempt(run, attempt, world, resumed, steps):

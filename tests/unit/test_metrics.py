@@ -11,9 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from seqeval.metrics import classification_report as seqeval_report
 from seqeval.metrics.sequence_labeling import get_entities
-from sklearn.metrics import classification_report as sklearn_report
-
-from training.metrics import (
+from shardtune.training.metrics import (
     classification_counts,
     entity_spans,
     entity_types,
@@ -21,6 +19,7 @@ from training.metrics import (
     ner_counts,
     scores_from_counts,
 )
+from sklearn.metrics import classification_report as sklearn_report
 
 TYPES = ["LOC", "MISC", "ORG", "PER"]
 AVERAGES = {"micro": "micro avg", "macro": "macro avg", "weighted": "weighted avg"}

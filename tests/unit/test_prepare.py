@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from data import prepare as prep
-from data.corpus import CorpusError
-from data.manifest import MANIFEST, read_all_rows, read_manifest, sha256_hex
+from shardtune.data import prepare as prep
+from shardtune.data.corpus import CorpusError
+from shardtune.data.manifest import MANIFEST, read_all_rows, read_manifest, sha256_hex
 
 
 def ner_sentences(n: int) -> list[tuple[list[str], list[str]]]:

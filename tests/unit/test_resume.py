@@ -7,13 +7,12 @@ import json
 import os
 
 import pytest
-
-from cluster.config import validate_tree
-from cluster.job import SNAPSHOT, failure_message, previous_run, start_over
-from data import storage
-from data.manifest import sha256_hex
-from training import faults
-from training.checkpoint import (
+from shardtune.cluster.config import validate_tree
+from shardtune.cluster.job import SNAPSHOT, failure_message, previous_run, start_over
+from shardtune.data import storage
+from shardtune.data.manifest import sha256_hex
+from shardtune.training import faults
+from shardtune.training.checkpoint import (
     CheckpointError,
     checkpoint_step,
     fetch_first_complete,
@@ -212,7 +211,7 @@ def test_previous_run_and_fresh(tmp_path):
 
 
 def test_export_prefers_the_retake_over_the_corrupt_checkpoint_it_replaced():
-    from cluster.job import rank_checkpoints, select_best
+    from shardtune.cluster.job import rank_checkpoints, select_best
 
     cands = [("checkpoint-00000022", {"step": 22}), ("checkpoint-00000022-1", {"step": 22}),
              ("checkpoint-00000020", {"step": 20})]  # fmt: skip

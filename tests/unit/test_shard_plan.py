@@ -4,8 +4,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from data.shard_plan import (
+from shardtune.data.shard_plan import (
     EpochPlan,
     eval_segment,
     ranges_len,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
-from data.manifest import DatasetError, read_manifest
-from data.prepare import prepare
-from data.shard_plan import (
+from shardtune.data.manifest import DatasetError, read_manifest
+from shardtune.data.prepare import prepare
+from shardtune.data.shard_plan import (
     EpochPlan,
     reshard_rest_of_epoch,
     segment_ranges,
     segment_rows,
     train_segment,
 )
-from data.stream import ShardStream
+from shardtune.data.stream import ShardStream
 
 
 @pytest.fixture
