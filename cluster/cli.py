@@ -1,19 +1,54 @@
 """The command line: prepare | train | evaluate | demo (the default), as `shardtune VERB`,
-`python -m shardtune VERB` or `python launch.py VERB` in a checkout. Parses arguments and calls
-the package; user-input errors become one line on stderr and exit status 2.
+`python -m shardtune VERB` or `python launch.py VERB` in a checkout. Parses arguments, sets up
+logging (--log-level) and calls the package; user-input errors become one line on stderr and exit
+status 2, with no traceback (a bug in shardtune still shows its traceback).
 
 shardtune                                          # the demo: local Ray + S3 on loopback
 shardtune prepare --task ner --input corpus.conll --output s3://bucket/ds --split train=0.8,dev=0.1,test=0.1
 shardtune train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
     (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
 shardtune evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
+shardtune --log-level DEBUG train ...              # progress and status lines go to stderr
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """An argument the user gave is wrong; the message names the option and the value."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints the usage block first; one line (and where to look) is easier to
+        # read in `ray job logs` and keeps every user-input error the same shape.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _split(text: str) -> dict[str, float]:
+    from shardtune.data.prepare import parse_split
+
+    try:
+        return parse_split(text)  # raises ValueError only about `text` itself
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -29,19 +64,37 @@ def _options(args: argparse.Namespace):
     return StorageOptions(endpoint_url=args.endpoint_url, profile=args.profile)
 
 
+def _check_model(uri: str, options, option: str, *, local_here: bool = True) -> None:
+    """Fail before any work (and before Ray starts) when `uri` is not a model directory.
+    `local_here=False`: a local path names the workers' disk, which this process may not see."""
+    from shardtune.data import storage
+    from shardtune.training.model import resolve_model_dir
+
+    if storage.is_local(uri) or uri.startswith("package:"):
+        if not local_here:
+            return
+        try:
+            resolve_model_dir(uri, options)  # local: only looks, copies nothing
+        except FileNotFoundError as exc:  # its way of saying "not a model directory"
+            raise UsageError(f"{option}: {str(exc).removeprefix('model.name_or_path: ')}") from None
+    elif not storage.exists(storage.join(uri, "config.json"), options):
+        raise UsageError(f"{option}: {uri} has no config.json (not a model directory)")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from shardtune.data import storage
-    from shardtune.data.prepare import parse_split, prepare
+    from shardtune.data.prepare import prepare
 
-    split = parse_split(args.split) if args.split else None
     manifests = prepare(
         args.task, args.input, args.output, shards=args.shards, shard_size=args.shard_size,
-        split=split, seed=args.seed, options=_options(args),
+        split=args.split, seed=args.seed, options=_options(args),
     )  # fmt: skip
     for name, m in manifests.items():
-        print(
-            f"{storage.join(args.output, name) if name else args.output}: {m.num_examples} examples, {m.num_tokens} tokens, {len(m.shards)} shard(s), {len(m.labels)} labels"
-        )
+        log.info(
+            "%s: %d examples, %d tokens, %d shard(s), %d labels",
+            storage.join(args.output, name) if name else args.output,
+            m.num_examples, m.num_tokens, len(m.shards), len(m.labels),
+        )  # fmt: skip
     return 0
 
 
@@ -49,15 +102,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shardtune.cluster.config import load_job_config
 
     job = load_job_config(args.config, args.overrides)  # fails here, before Ray starts
+    _check_model(job.model.name_or_path, job.storage_options(), "model.name_or_path",
+                 local_here=not job.cluster.address)  # fmt: skip
     from shardtune.cluster.job import TrainingFailed, run_training
-    from shardtune.cluster.report import print_report
+    from shardtune.cluster.report import run_summary
 
     try:
         report = run_training(job, fresh=args.fresh)
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print_report(report)
+    print(run_summary(report))
     return 0
 
 
@@ -65,6 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from shardtune.training.evaluation import evaluate_exported
     from shardtune.training.metrics import format_report
 
+    _check_model(args.model, _options(args), "--model")
     report = evaluate_exported(
         args.model,
         args.data,
@@ -88,8 +144,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shardtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="progress and status lines on stderr at this level or above (default INFO)",
     )
     sub = parser.add_subparsers(dest="verb")
 
@@ -101,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, help="dataset URI (with --split: one dataset per split under it)"
     )
-    p.add_argument("--shards", type=int, help="number of shards")
-    p.add_argument("--shard-size", type=int, help="examples per shard (default 10000)")
-    p.add_argument("--split", help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shards", type=_positive_int, help="number of shards")
+    size.add_argument("--shard-size", type=_positive_int, help="examples per shard (default 10000)")
+    p.add_argument(
+        "--split", type=_split, help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)"
+    )
     p.add_argument("--seed", type=int, default=0)
     _storage_args(p)
     p.set_defaults(fn=cmd_prepare)
@@ -123,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="exported model URI")
     p.add_argument("--data", required=True, help="prepared dataset URI")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, help="default: the model's training max_length")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument(
+        "--max-length", type=_positive_int, help="default: the model's training max_length"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _storage_args(p)
     p.set_defaults(fn=cmd_evaluate)
@@ -140,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from shardtune.cluster.config import ConfigError
     from shardtune.data.corpus import CorpusError
+    from shardtune.data.logs import setup_logging
     from shardtune.data.manifest import DatasetError
 
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     fn = getattr(args, "fn", cmd_demo)
     try:
         return fn(args)
-    except (ConfigError, CorpusError, DatasetError) as exc:
+    except (UsageError, ConfigError, CorpusError, DatasetError) as exc:
+        # The final word of the command, not a progress line: plain, like argparse's errors.
+        # Multi-problem errors (every bad field or line) follow their one summary line.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

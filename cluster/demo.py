@@ -2,14 +2,17 @@
 
 An S3 server on loopback holds the prepared corpus and the run output, a local Ray runs two
 CPU workers, and configs/demo.yaml fine-tunes a real pretrained encoder on a real tweet NER
-corpus; the report is printed at the end.
+corpus; the report is printed at the end, progress goes to the log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -24,7 +27,7 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     from shardtune.cluster.config import load_job_config
     from shardtune.cluster.job import run_training
     from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
-    from shardtune.cluster.report import print_report
+    from shardtune.cluster.report import run_summary
     from shardtune.data import storage
     from shardtune.data.prepare import prepare
 
@@ -34,9 +37,10 @@ def run_demo(overrides: list[str] | None = None) -> dict:
         job = load_job_config(
             DEMO_CONFIG, [f"storage.endpoint_url={s3.endpoint_url}", *(overrides or [])]
         )
-        print(
-            f"[demo] S3 endpoint {s3.endpoint_url}; local Ray with {job.cluster.num_workers} workers"
-        )
+        log.info(
+            "demo: S3 endpoint %s; local Ray with %d workers",
+            s3.endpoint_url, job.cluster.num_workers,
+        )  # fmt: skip
         bucket = job.data.train.split("://", 1)[1].split("/", 1)[0]
         s3.create_bucket(bucket)
         dataset_root = job.data.train.rsplit("/", 1)[0]
@@ -46,12 +50,14 @@ def run_demo(overrides: list[str] | None = None) -> dict:
             seed=0, options=job.storage_options(),
         )  # fmt: skip
         sizes = ", ".join(f"{k} {m.num_examples}" for k, m in manifests.items())
-        print(
-            f"[demo] prepared {corpus_path()} -> {dataset_root}: {sizes} sentences ({time.perf_counter() - t0:.1f}s)"
-        )
+        log.info(
+            "demo: prepared %s -> %s: %s sentences (%.1fs)",
+            corpus_path(), dataset_root, sizes, time.perf_counter() - t0,
+        )  # fmt: skip
         report = run_training(job)
-        print_report(report)
-        print(
-            f"\n[demo] outputs under {storage.join(job.run.output, job.run.name)} (removed with the demo's S3 server)"
+        print(run_summary(report))  # the demo's result, on stdout like `train`'s
+        log.info(
+            "demo: outputs under %s (removed with the demo's S3 server)",
+            storage.join(job.run.output, job.run.name),
         )
         return report

@@ -8,6 +8,7 @@ Deciding (which checkpoint is best, what the report holds) is pure and separate 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +19,8 @@ from shardtune.data import storage
 from shardtune.data.manifest import read_manifest
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run's checkpoints
+
+log = logging.getLogger(__name__)
 
 
 class TrainingFailed(RuntimeError):
@@ -42,7 +45,7 @@ def previous_run(job: JobConfig) -> tuple[str, int] | None:
     return latest["checkpoint_dir_name"], int(latest.get("metrics", {}).get("step", 0))
 
 
-def start_over(job: JobConfig, say=print) -> list[str]:
+def start_over(job: JobConfig, say=log.info) -> list[str]:
     """Delete {output}/{name} (checkpoints, snapshot, report, model) after saying what goes."""
     options = job.storage_options()
     names = storage.list_names(run_dir(job), options)
@@ -221,7 +224,7 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
     }
 
 
-def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
+def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
     """The `train` verb: returns the report (also written to {output}/{name}/report.json).
     An earlier run of the same run.name resumes from its latest complete checkpoint (Ray Train
     restores its snapshot); `fresh` deletes it first. Raises TrainingFailed past max_failures."""
@@ -260,7 +263,7 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=print) -> dict:
             model_uri = export_best(job, best[0])
             break
         except (CheckpointError, FileNotFoundError) as exc:  # damaged after it was reported
-            say(f"not exporting {best[0]}: {exc}; trying the next best checkpoint")
+            log.warning("not exporting %s: %s; trying the next best checkpoint", best[0], exc)
     else:
         raise TrainingFailed(
             f"no reported checkpoint of run {job.run.name!r} could be exported (see above)"

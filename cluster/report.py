@@ -1,4 +1,5 @@
-"""Printing a run's report.json as the table a person reads at the end of `train`."""
+"""A run's report.json as the table a person reads at the end of `train` (and of the demo); the
+caller prints it, since it is the command's result rather than a progress line."""
 
 from __future__ import annotations
 
@@ -9,23 +10,25 @@ def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def print_report(report: dict) -> None:
+def run_summary(report: dict) -> str:
     best = report.get("best_eval") or {}
     tp = report.get("throughput") or {}
-    print()
-    print(f"== shardtune run {report['run']} ({report['task']}) ==")
-    print(f"model:           {report['model']}")
-    print(
-        f"best checkpoint: {report['best_checkpoint']}  eval micro-F1 {_num(best.get('eval_f1'), '.4f')}"
-    )
-    print(
+    lines = [
+        "",
+        f"== shardtune run {report['run']} ({report['task']}) ==",
+        f"model:           {report['model']}",
+        f"best checkpoint: {report['best_checkpoint']}  eval micro-F1 {_num(best.get('eval_f1'), '.4f')}",
         f"throughput:      {_num(tp.get('train_examples_per_s'), '.1f')} examples/s, "
-        f"{_num(tp.get('train_tokens_per_s'), '.0f')} non-pad tokens/s (all workers)"
-    )
-    print(f"wall time:       {report['timing']['wall_seconds']:.0f} s")
+        f"{_num(tp.get('train_tokens_per_s'), '.0f')} non-pad tokens/s (all workers)",
+        f"wall time:       {report['timing']['wall_seconds']:.0f} s",
+    ]
     test = report.get("test")
     if test:
-        print(f"\ntest set {test['data']} ({test['examples']} examples):")
-        print(format_report(test))
+        lines += [
+            "",
+            f"test set {test['data']} ({test['examples']} examples):",
+            format_report(test),
+        ]
     else:
-        print("\n(no test set configured)")
+        lines += ["", "(no test set configured)"]
+    return "\n".join(lines)

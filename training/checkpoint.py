@@ -18,6 +18,7 @@ instead, with a line saying which file was wrong. `resume_candidates` decides th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +33,8 @@ from shardtune.data import storage
 from shardtune.data.manifest import sha256_hex
 
 DS_TAG = "ds"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -211,10 +214,11 @@ def fetch_first_complete(
     candidates: list[str],
     local_root: str,
     options: storage.StorageOptions | None = None,
-    warn: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[str, str] | None:
     """Download candidates in order; return (name, local dir) of the first that verifies, or
     None. Each rejected one is reported through `warn` with the file at fault."""
+    warn = warn or log.warning
     for i, name in enumerate(candidates):
         uri = storage.join(run_uri, name)
         local = os.path.join(local_root, name)
@@ -241,7 +245,7 @@ def agree_on_checkpoint(
     *,
     rank: int,
     options: storage.StorageOptions | None = None,
-    warn: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[str, str, list[str]]:
     """Every rank calls this; returns (checkpoint name, verified local copy, names in the run
     directory), the same name on every rank. Rank 0 alone lists storage and decides, then
@@ -353,13 +357,12 @@ def _load_other_world_size(
     random.setstate(rng["python"])
     if rank == 0:
         moments = "kept" if keep_moments else "RESET to zero (ZeRO partitions are per worker count)"
-        message = (
-            f"[shardtune] resuming {old_world} -> {world_size} workers at step {old[0].step}: "
-            f"weights, LR schedule and step restored, optimizer moments {moments}; the rest of "
-            f"epoch {old[0].epoch + 1} is split anew ({len(share)} examples per worker, "
-            f"{share.padding} padding)\n"
-        )
-        os.write(1, message.encode())  # not print: Ray Train's print patch doubles lines
+        log.info(
+            "resuming %d -> %d workers at step %d: weights, LR schedule and step restored, "
+            "optimizer moments %s; the rest of epoch %d is split anew (%d examples per worker, "
+            "%d padding)", old_world, world_size, old[0].step, moments, old[0].epoch + 1,
+            len(share), share.padding,
+        )  # fmt: skip
     # At position 0 of a normal epoch the share equals train_segment's plan for the new size.
     return TrainState(epoch=old[0].epoch, position=0, step=old[0].step, micro_step=old[0].micro_step,
                       ranges=share.ranges)  # fmt: skip
