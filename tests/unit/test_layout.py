@@ -1,5 +1,5 @@
-"""Architecture checks: imports flow shardtune.data <- .training <- .cluster <- launch.py; the
-head-side decisions are pure."""
+"""Architecture checks: imports flow shardtune.data <- .training <- .cluster <- launch.py, and
+.serving imports only .data; the head-side decisions are pure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shardtune.cluster.job import select_best
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = {"data": {"data"}, "training": {"data", "training"}, "cluster": {"data", "training", "cluster"},
-           }  # fmt: skip
+           "serving": {"data", "serving"}}  # fmt: skip
 
 
 def imported_packages(path: Path) -> set[str]:

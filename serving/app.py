@@ -1,0 +1,359 @@
+"""The HTTP surface of `shardtune serve`: request parsing and limits, the FastAPI routes, the
+Prometheus metrics, and the Ray Serve deployment that batches requests into forward passes."""
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+from shardtune.data import storage
+from shardtune.serving.predictor import Predictor, fetch_model, run_summary
+
+APP_NAME = "shardtune"
+ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything a replica needs; plain values so Ray can ship it and a RayService's
+    serveConfigV2 `args` can spell it."""
+
+    model: str
+    """Exported model URI: a local directory or any fsspec URI the trainer writes (s3://...)."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; credentials come from the AWS environment, never from here."""
+    profile: str | None = None
+    replicas: int = 1
+    max_batch_size: int = 16
+    """Requests that `@serve.batch` merges into one call of the model."""
+    batch_wait_ms: float = 5.0
+    """How long the first request of a batch waits for others; the latency price of batching."""
+    forward_batch_size: int = 64
+    """Model inputs (NER windows) per forward pass, after sorting the whole batch by length."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond max_ongoing_requests; past it the proxy answers 503."""
+    max_texts: int = 64
+    max_chars: int = 20_000
+    max_body_bytes: int = 1_000_000
+    num_cpus: float = 1.0
+    """CPUs per replica; also torch's intra-op threads."""
+    num_gpus: float = 0.0
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        # A request waiting inside @serve.batch is "ongoing" for Serve: the replica must admit at
+        # least a full batch, and one more batch forms while the current one runs.
+        return 2 * self.max_batch_size
+
+    def deployment_options(self) -> dict[str, Any]:
+        return {
+            "num_replicas": self.replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "health_check_period_s": 10.0,
+            "health_check_timeout_s": 30.0,
+        }
+
+
+# ----------------------------------------------------------------------------- request parsing
+class ApiError(Exception):
+    """A client error: answered as {"error": {"status", "field", "message"}}."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+class PredictRequest(BaseModel):
+    """The body of POST /v1/predict (documents the schema; parsing is `parse_predict_body`)."""
+
+    texts: list[str] = Field(description="raw texts; words are maximal runs of non-whitespace")
+
+
+class Entity(BaseModel):
+    type: str
+    start: int = Field(description="character offset of the first character (code points)")
+    end: int = Field(description="one past the last character: text[start:end] is the entity")
+    text: str
+    score: float = Field(description="mean probability of the predicted tag over its words")
+
+
+class Classification(BaseModel):
+    label: str
+    scores: dict[str, float]
+    truncated: bool = Field(description="the text had more tokens than max_length (as training)")
+
+
+class PredictResponse(BaseModel):
+    task: str
+    results: list[list[Entity]] | list[Classification]
+
+
+def parse_predict_body(body: bytes, *, max_texts: int, max_chars: int) -> list[str]:
+    """The texts of a /v1/predict body, or ApiError naming the offending field: 400 for bytes
+    that are not JSON, 422 for a wrong shape or unusable text, 413 past the limits."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "body", f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(422, "body", f"expected a JSON object, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - {"texts"})
+    if unknown:
+        raise ApiError(422, unknown[0], 'unknown field; the body is {"texts": [...]}')
+    if "texts" not in doc:
+        raise ApiError(422, "texts", 'missing; the body is {"texts": [...]}')
+    texts = doc["texts"]
+    if not isinstance(texts, list):
+        raise ApiError(422, "texts", f"expected a list of strings, got {type(texts).__name__}")
+    if len(texts) > max_texts:
+        raise ApiError(413, "texts", f"{len(texts)} texts; at most {max_texts} per request")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ApiError(422, f"texts[{i}]", f"expected a string, got {type(text).__name__}")
+        if len(text) > max_chars:
+            raise ApiError(413, f"texts[{i}]", f"{len(text)} characters; at most {max_chars}")
+        if "\x00" in text:
+            raise ApiError(422, f"texts[{i}]", "contains a null character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" escapes decode to unencodable surrogates
+            raise ApiError(422, f"texts[{i}]", "contains a lone surrogate") from None
+    return texts
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) more than max_bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "content-length", "not a number")
+        if int(declared) > max_bytes:
+            raise ApiError(413, "body", f"{declared} bytes; at most {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():  # chunked uploads declare no length
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, "body", f"more than {max_bytes} bytes")
+    return bytes(body)
+
+
+# ------------------------------------------------------------------------------------- metrics
+class ServeMetrics:
+    """The replica's Prometheus metrics, in a registry of its own (a second app in the same
+    process, as in tests, must not collide on the global one)."""
+
+    def __init__(self, settings: ServeSettings, predictor: Predictor, run: dict | None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "shardtune_serve_requests", "HTTP requests answered by the app, by route and status",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "shardtune_serve_request_seconds", "Time from request to response inside the app",
+            ["route"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "shardtune_serve_batch_requests", "Requests merged into one batch", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )  # fmt: skip
+        self.batch_texts = Histogram(
+            "shardtune_serve_batch_texts", "Texts in one batch", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )  # fmt: skip
+        self.inference = Histogram(
+            "shardtune_serve_batch_seconds", "Tokenize + forward + decode time of one batch",
+            registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )  # fmt: skip
+        self.padding = Histogram(
+            "shardtune_serve_padding_fraction", "Pad tokens / all tokens of a batch's passes",
+            registry=r, buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+        )  # fmt: skip
+        self.texts = Counter("shardtune_serve_texts", "Texts answered", registry=r)
+        self.entities = Counter("shardtune_serve_entities", "Entities returned", registry=r)
+        self.queue = Gauge(
+            "shardtune_serve_queue_length",
+            "Requests inside this replica waiting for a batch to start (the proxy's own queue, "
+            "bounded by max_queued_requests, is ray_serve_* on Ray's metrics port)",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "shardtune_serve_inflight_requests", "Requests in the app", registry=r
+        )
+        info = Gauge(
+            "shardtune_serve_model_info", "The model this replica serves (value 1)",
+            ["model_uri", "run", "task", "labels", "max_length"], registry=r,
+        )  # fmt: skip
+        info.labels(
+            model_uri=settings.model, run=(run or {}).get("run") or "", task=predictor.task,
+            labels=",".join(predictor.labels), max_length=str(predictor.max_length),
+        ).set(1)  # fmt: skip
+
+    def scrape(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------ the application
+app = FastAPI(
+    title="shardtune model server",
+    description="NER entities with character offsets, or text classification, from a model "
+    "exported by `shardtune train`.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"status": exc.status, "field": exc.field, "message": exc.message}},
+        status_code=exc.status,
+    )
+
+
+@app.middleware("http")
+async def _record(request: Request, call_next):
+    metrics: ServeMetrics | None = getattr(request.app.state, "metrics", None)
+    route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+    t0 = time.perf_counter()
+    if metrics is not None:
+        metrics.inflight.inc()
+    try:
+        response = await call_next(request)
+    finally:
+        if metrics is not None:
+            metrics.inflight.dec()
+    if metrics is not None:
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+    return response
+
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
+
+
+@serve.deployment(name="ShardtuneModel")
+@serve.ingress(app)
+class ModelServer:
+    """One replica: the model in memory, the routes, and the batcher in front of the model."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        self.settings = ServeSettings(**settings)
+        s = self.settings
+        torch.set_num_threads(max(1, int(s.num_cpus)))  # Ray's CPU share, not the node's cores
+        options = storage.StorageOptions(endpoint_url=s.endpoint_url, profile=s.profile)
+        self._tmp = tempfile.TemporaryDirectory(prefix="shardtune-serve-")
+        model_dir = fetch_model(s.model, os.path.join(self._tmp.name, "model"), options)
+        device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor.from_dir(
+            model_dir, forward_batch_size=s.forward_batch_size, device=device
+        )
+        self.run = run_summary(s.model, options)
+        self.predictor.predict_batch([["warm up"]])  # first-call allocations before readiness
+        self.metrics = ServeMetrics(s, self.predictor, self.run)
+        app.state.metrics = self.metrics
+        self.predict_batched.set_max_batch_size(s.max_batch_size)
+        self.predict_batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000)
+        self.ready = True
+
+    def check_health(self) -> None:
+        """Serve's periodic replica check: a replica without its model is restarted."""
+        if not getattr(self, "ready", False):
+            raise RuntimeError("model not loaded")
+
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+        responses={400: {}, 413: {}, 422: {}, 503: {"description": "queue full"}},
+    )  # fmt: skip
+    async def predict(self, request: Request) -> dict:
+        """Entities (NER) or label and scores (classification) for each text, in order."""
+        s = self.settings
+        body = await read_body(request, s.max_body_bytes)
+        texts = parse_predict_body(body, max_texts=s.max_texts, max_chars=s.max_chars)
+        if not texts:
+            return {"task": self.predictor.task, "results": []}
+        self.metrics.queue.inc()
+        results = await self.predict_batched(texts)
+        return {"task": self.predictor.task, "results": results}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # set from settings in __init__
+    async def predict_batched(self, requests: list[list[str]]) -> list[list]:
+        self.metrics.queue.dec(len(requests))
+        t0 = time.perf_counter()
+        # In a thread: the event loop keeps answering /healthz, /metrics and admitting the next
+        # batch while torch computes (it releases the GIL).
+        answers, stats = await asyncio.to_thread(self.predictor.predict_batch, requests)
+        m = self.metrics
+        m.inference.observe(time.perf_counter() - t0)
+        m.batch_requests.observe(stats.requests)
+        m.batch_texts.observe(stats.texts)
+        m.padding.observe(stats.padding_fraction)
+        m.texts.inc(stats.texts)
+        m.entities.inc(stats.entities)
+        return answers
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {}})
+    async def readyz(self) -> Response:
+        """Ready: the model is loaded and has answered a warm-up request."""
+        if not getattr(self, "ready", False):
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True, "model": self.settings.model})
+
+    @app.get("/v1/model")
+    async def model_info(self) -> dict:
+        """What is served: task, labels, max_length, limits, and the training run's metrics."""
+        p = self.predictor
+        entity_types = sorted({label[2:] for label in p.labels if label[:2] in ("B-", "I-")})
+        s = self.settings
+        return {
+            "model": s.model,
+            "task": p.task,
+            "labels": p.labels,
+            "entity_types": entity_types if p.task == "ner" else None,
+            "max_length": p.max_length,
+            "word_rule": "maximal runs of non-whitespace characters (str.split()); offsets are "
+            "code-point indices into the text",
+            "limits": {
+                "max_texts": s.max_texts,
+                "max_chars": s.max_chars,
+                "max_body_bytes": s.max_body_bytes,
+            },  # fmt: skip
+            "training_run": self.run,
+        }
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(self) -> Response:
+        """Prometheus text format: this replica's counters, histograms and gauges."""
+        body, content_type = self.metrics.scrape()
+        return Response(body, media_type=content_type)
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for `settings`: `shardtune serve` calls it, and a RayService names
+    it as `import_path: shardtune.serving.app:build` with the settings as `args`."""
+    settings = ServeSettings(**args)
+    return ModelServer.options(**settings.deployment_options()).bind(asdict(settings))
