@@ -1,9 +1,8 @@
 """The prepared-dataset format: Parquet shards plus `manifest.json`, and reading them back.
 
-A prepared dataset at URI `D` is `D/manifest.json` and `D/shard-00000.parquet`, ... Shard rows:
-  ner:      id (int64, index in the corpus), tokens (list<string>), tags (list<string>)
-  classify: id (int64), text (string), label (string)
-The manifest is written last, so a directory without one is an unfinished `prepare`.
+A prepared dataset at URI `D` is `D/manifest.json` and `D/shard-00000.parquet`, ... Shard rows
+follow the task's `row_schema()` (shardtune.data.tasks); every row has `id` (int64), its index
+in the corpus. The manifest is written last, so a directory without one is an unfinished `prepare`.
 """
 
 from __future__ import annotations
@@ -27,13 +26,13 @@ class DatasetError(Exception):
 class ShardInfo:
     name: str  # file name inside the dataset directory
     num_examples: int
-    num_tokens: int  # words (ner) or whitespace tokens (classify)
+    num_tokens: int  # the task's tokenizer-independent size: words
     sha256: str
 
 
 @dataclass(frozen=True)
 class Manifest:
-    task: str  # "ner" | "classify"
+    task: str  # a name in shardtune.data.tasks.TASK_NAMES
     labels: list[str]  # sorted; ner: BIO tags incl. "O"; classify: class names
     num_examples: int
     num_tokens: int
@@ -41,12 +40,6 @@ class Manifest:
     sources: list[str] = field(default_factory=list)  # input URIs, for provenance
     notes: dict = field(default_factory=dict)  # e.g. tag-scheme conversions applied
     format: str = FORMAT
-
-    @property
-    def entity_types(self) -> list[str]:
-        if self.task != "ner":
-            return []
-        return sorted({label[2:] for label in self.labels if label != "O"})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -12,20 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from shardtune.data.alignment import (
-    IGNORE_INDEX,
-    AlignmentStats,
-    encode_sentence,
-    encode_text,
-    word_predictions,
-)
+from shardtune.data.alignment import IGNORE_INDEX, AlignmentStats
 from shardtune.data.collate import collate
+from shardtune.data.tasks import get_task
 from shardtune.training import metrics
 
 
 def metric_names(task: str, labels: Sequence[str]) -> list[str]:
     """Rows of the count tensor: entity types (ner) or class names (classify)."""
-    return metrics.entity_types(labels) if task == "ner" else list(labels)
+    return get_task(task).metric_names(labels)
 
 
 def encode_row(
@@ -37,20 +32,8 @@ def encode_row(
     stats: AlignmentStats,
 ) -> list:
     """One prepared row -> its model inputs (NER: one or more windows; classify: one text).
-    Tags unknown to the model (possible only when evaluating foreign data) get IGNORE_INDEX."""
-    if task == "ner":
-        tag_ids = [label2id.get(tag, IGNORE_INDEX) for tag in row["tags"]]
-        return encode_sentence(row["id"], row["tokens"], tag_ids, tokenizer, max_length, stats)
-    return [
-        encode_text(
-            row["id"],
-            row["text"],
-            label2id.get(row["label"], IGNORE_INDEX),
-            tokenizer,
-            max_length,
-            stats,
-        )
-    ]
+    Labels unknown to the model (possible only when evaluating foreign data) get IGNORE_INDEX."""
+    return get_task(task).encode(row, tokenizer, label2id, max_length, stats)
 
 
 @dataclass
@@ -82,8 +65,8 @@ def evaluate_rows(
     forward all-gathers parameters, so ranks holding fewer eval rows must keep stepping in
     lockstep or the others hang.
     """
+    spec = get_task(task)
     label2id = {label: i for i, label in enumerate(labels)}
-    row_of = {name: i for i, name in enumerate(names)}  # classify: class name -> count row
     stats = AlignmentStats()
     counts = np.zeros((len(names), 3), dtype=np.int64)
     result = EvalResult(counts=counts)
@@ -91,7 +74,7 @@ def evaluate_rows(
     last_batch = None
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        per_row = [encode_row(task, row, tokenizer, label2id, max_length, stats) for row in chunk]
+        per_row = [spec.encode(row, tokenizer, label2id, max_length, stats) for row in chunk]
         items = [item for encoded in per_row for item in encoded]
         batch = collate(items, pad_id)
         batch.pop("num_tokens")
@@ -106,37 +89,28 @@ def evaluate_rows(
         k = 0
         for row, encoded in zip(chunk, per_row, strict=True):
             n = len(encoded)
-            if task == "ner":
-                words = word_predictions(encoded, list(pred_ids[k : k + n]))
-                gold.append(list(row["tags"]))
-                pred.append([labels[i] for i in words])
-            else:
-                gold.append(row["label"])
-                pred.append(labels[int(pred_ids[k])])
+            gold.append(spec.gold(row))
+            pred.append(spec.prediction(encoded, list(pred_ids[k : k + n]), labels))
             k += n
-        if task == "ner":
-            counts += metrics.ner_counts(gold, pred, names)
-        else:
-            counts += metrics.classification_counts(
-                [row_of[g] for g in gold], [row_of[p] for p in pred], len(names)
-            )
+        counts += spec.counts(gold, pred, names)
         if keep_predictions:
             result.predictions.extend(pred)
         result.examples += len(chunk)
     while result.batches < min_batches:  # lockstep padding; output discarded
         if last_batch is None:
-            last_batch = _dummy_batch(pad_id, device, task)
+            last_batch = _dummy_batch(pad_id, device, spec.labels_per_token)
         with torch.no_grad():
             forward(last_batch)
         result.batches += 1
     return result
 
 
-def _dummy_batch(pad_id: int, device: torch.device | str, task: str) -> dict[str, torch.Tensor]:
+def _dummy_batch(
+    pad_id: int, device: torch.device | str, labels_per_token: bool
+) -> dict[str, torch.Tensor]:
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    labels = torch.full(
-        (1, 2) if task == "ner" else (1,), IGNORE_INDEX, dtype=torch.long, device=device
-    )
+    shape = (1, 2) if labels_per_token else (1,)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -165,10 +139,8 @@ def evaluate_exported(
         raise ValueError(
             f"{data_uri} is a {manifest.task!r} dataset but {model_uri} is a {task!r} model"
         )
-    if task == "ner":
-        names = sorted(set(metric_names(task, labels)) | set(manifest.entity_types))
-    else:
-        names = sorted(set(labels) | set(manifest.labels))
+    # The model's label set and the data's can differ (foreign data); count over both.
+    names = sorted(set(metric_names(task, labels)) | set(metric_names(task, manifest.labels)))
     max_length = max_length or getattr(model.config, "shardtune_max_length", None) or 128
     result = evaluate_rows(
         lambda b: model(**b), rows, task=task, labels=labels, names=names, tokenizer=tokenizer,

@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 from shardtune.data import storage
+from shardtune.data.tasks import TASK_NAMES, get_task
 
 # Weights must come from the path we were given; a hub lookup would hang on closed networks.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,11 +63,8 @@ def build_tokenizer(model_dir: str) -> Any:
 
 def build_model(model_dir: str, task: str, labels: list[str], dropout: float | None = None) -> Any:
     """A task head on the pretrained encoder; the head is new, the encoder keeps its weights."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
+    import transformers
+    from transformers import AutoConfig
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in enumerate(labels)}
@@ -77,7 +75,7 @@ def build_model(model_dir: str, task: str, labels: list[str], dropout: float | N
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if hasattr(config, name):
                 setattr(config, name, dropout)
-    auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    auto = getattr(transformers, get_task(task).head_class)
     # The pretrained checkpoint has no task head; that report is expected, not news.
     from transformers.utils import logging as hf_logging
 
@@ -93,17 +91,21 @@ def load_exported(model_dir: str, task: str | None = None) -> tuple[Any, Any, st
     """Load an exported model directory with plain transformers: (model, tokenizer, task)."""
     import json
 
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    import transformers
 
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    if task is None:
-        task = config.get("shardtune_task") or (
-            "ner"
-            if any(a.endswith("ForTokenClassification") for a in config.get("architectures", []))
-            else "classify"
-        )
-    auto = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(model_dir)
+    task = task or config.get("shardtune_task") or _task_of(config.get("architectures") or [])
+    model = getattr(transformers, get_task(task).head_class).from_pretrained(model_dir)
     model.eval()
     return model, build_tokenizer(model_dir), task
+
+
+def _task_of(architectures: list[str]) -> str:
+    """The task of a model exported without `shardtune_task`: the first task whose head class
+    the architecture is (BertForTokenClassification is an AutoModelForTokenClassification)."""
+    for name in TASK_NAMES:
+        head = get_task(name).head_class.removeprefix("AutoModel")
+        if any(a.endswith(head) for a in architectures):
+            return name
+    raise ValueError(f"cannot tell the task of a model with architectures {architectures}")
