@@ -9,6 +9,7 @@ shardtune train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
     (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
 shardtune evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
 shardtune --log-level DEBUG train ...              # progress and status lines go to stderr
+shardtune serve --model s3://bucket/runs/x/model [--port 8000]   # HTTP API until Ctrl-C
 """
 
 from __future__ import annotations
@@ -143,6 +144,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Lazy: Ray Serve and FastAPI load only for this verb (and only with the `serve` extra).
+    from shardtune.serving.app import ServeSettings
+    from shardtune.serving.server import run_server
+
+    try:
+        settings = ServeSettings(
+            model=args.model, endpoint_url=args.endpoint_url, profile=args.profile,
+            replicas=args.replicas, max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms, forward_batch_size=args.forward_batch_size,
+            max_queued_requests=args.max_queued_requests, max_texts=args.max_texts,
+            max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_server(settings, host=args.host, port=args.port, address=args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shardtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of configs/demo.yaml")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("serve", help="HTTP inference over an exported model (Ray Serve + FastAPI)")
+    p.add_argument("--model", required=True, help="exported model URI (local dir, s3://...)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests per model batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
+    p.add_argument("--forward-batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="beyond it: 503")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 beyond)")
+    p.add_argument("--max-chars", type=int, default=20_000, help="characters per text (413)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body (413)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) per replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--address", help="join this Ray cluster (default: a fresh local Ray)")
+    _storage_args(p)
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

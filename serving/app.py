@@ -46,6 +46,22 @@ class ServeSettings:
     """CPUs per replica; also torch's intra-op threads."""
     num_gpus: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Every bad value at once, before Ray starts."""
+        problems = [
+            f"{name}={getattr(self, name)!r} must be at least {low}"
+            for name, low in [
+                ("replicas", 1), ("max_batch_size", 1), ("batch_wait_ms", 0),
+                ("forward_batch_size", 1), ("max_queued_requests", 1), ("max_texts", 1),
+                ("max_chars", 1), ("max_body_bytes", 64), ("num_cpus", 0), ("num_gpus", 0),
+            ]
+            if getattr(self, name) < low
+        ]  # fmt: skip
+        if not self.model:
+            problems.append("model: a model URI is required")
+        if problems:
+            raise ValueError("invalid serve settings: " + "; ".join(problems))
+
     @property
     def max_ongoing_requests(self) -> int:
         # A request waiting inside @serve.batch is "ongoing" for Serve: the replica must admit at
