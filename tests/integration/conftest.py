@@ -1,11 +1,12 @@
-"""Integration tier: one S3 endpoint (moto's server on 127.0.0.1) and one local Ray per session."""
+"""Integration tier: one S3 endpoint (moto's server on 127.0.0.1) and one local Ray per session,
+both from shardtune.cluster.testkit; shardtune's log lines set up as the CLI sets them up."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from shardtune.cluster.local_s3 import LocalS3, use_dummy_credentials
+from shardtune.cluster.testkit import LocalS3, use_dummy_credentials
+from shardtune.cluster.testkit import local_ray as start_local_ray
+from shardtune.data.logs import setup_logging
 
 BUCKET = "shardtune-it"
 
@@ -14,6 +15,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shardtune_logging():
+    """The lines a user sees on stderr (pytest's capture included, so capsys reads them)."""
+    setup_logging("INFO")
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +34,8 @@ def s3():
 @pytest.fixture(scope="session")
 def local_ray(s3):
     """Started after the S3 credentials are in the environment, so workers inherit them."""
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING"
-    )
-    yield ray
-    ray.shutdown()
+    with start_local_ray(num_cpus=2) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="session")

