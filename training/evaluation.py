@@ -127,7 +127,7 @@ def evaluate_exported(
     process with plain transformers: what `launch.py evaluate` prints and report.json holds."""
     import time
 
-    from shardtune.data.manifest import read_all_rows
+    from shardtune.data.manifest import DatasetError, read_all_rows
     from shardtune.training.model import load_exported, resolve_model_dir
 
     t0 = time.perf_counter()
@@ -136,7 +136,7 @@ def evaluate_exported(
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     manifest, rows = read_all_rows(data_uri, options)
     if manifest.task != task:
-        raise ValueError(
+        raise DatasetError(
             f"{data_uri} is a {manifest.task!r} dataset but {model_uri} is a {task!r} model"
         )
     # The model's label set and the data's can differ (foreign data); count over both.

@@ -189,11 +189,6 @@ def test_evaluate_zero_batch_size(tmp_path, dataset, capsys):
     assert_user_error(rc, lines, "--batch-size")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/evaluation.py raises ValueError for a dataset of the other task; it needs a "
-    "user-input type (DatasetError) to exit 2",
-)
 def test_evaluate_dataset_of_the_other_task(tmp_path, dataset, capsys):
     # MiniLM's own directory is an encoder without a token-classification head: read as classify
     rc, lines = run_cli(["evaluate", "--model", MODEL, "--data", str(dataset)], capsys)
