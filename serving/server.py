@@ -58,6 +58,10 @@ def run_server(
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(asdict(settings)), name=APP_NAME, route_prefix="/", blocking=False)
+        # ray.init replaced our SIGTERM handler with one that calls sys.exit wherever the main
+        # thread happens to be; ours again, so a SIGTERM means the same orderly stop as Ctrl-C.
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
         url = f"http://{host}:{port}"
         if not wait_ready(url, ready_timeout_s, stop):
             if stop.is_set():
