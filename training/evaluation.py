@@ -84,13 +84,15 @@ def evaluate_rows(
             out = forward(batch)
         result.loss_sum += float(out.loss.float()) if out.loss is not None else 0.0
         result.batches += 1
-        pred_ids = out.logits.float().argmax(dim=-1).cpu().numpy()
+        # Logits, not argmax ids: how scores become labels is the task's call (multi-label
+        # thresholds them).
+        logits = out.logits.float().cpu().numpy()
         gold, pred = [], []
         k = 0
         for row, encoded in zip(chunk, per_row, strict=True):
             n = len(encoded)
             gold.append(spec.gold(row))
-            pred.append(spec.prediction(encoded, list(pred_ids[k : k + n]), labels))
+            pred.append(spec.prediction(encoded, list(logits[k : k + n]), labels))
             k += n
         counts += spec.counts(gold, pred, names)
         if keep_predictions:

@@ -75,10 +75,10 @@ class TaskSpec(Protocol):
         """A row's gold labels, in the form `prediction` returns."""
 
     def prediction(
-        self, encoded: Sequence[Any], pred_ids: Sequence[Any], labels: Sequence[str]
+        self, encoded: Sequence[Any], logits: Sequence[Any], labels: Sequence[str]
     ) -> Any:
-        """A row's predicted labels from the predicted ids (or logits) of its encoded inputs,
-        one entry of `pred_ids` per entry of `encoded`."""
+        """A row's predicted labels from the model's logits for its encoded inputs (numpy,
+        one entry of `logits` per entry of `encoded`, padding positions included)."""
 
     def counts(self, gold: Sequence[Any], pred: Sequence[Any], names: Sequence[str]) -> np.ndarray:
         """Mergeable [len(names), 3] int64 counts (tasks.counts.TP, PREDICTED, GOLD)."""

@@ -82,9 +82,9 @@ class ClassifyTask:
         return row["label"]
 
     def prediction(
-        self, encoded: Sequence[EncodedText], pred_ids: Sequence[Any], labels: Sequence[str]
+        self, encoded: Sequence[EncodedText], logits: Sequence[Any], labels: Sequence[str]
     ) -> str:
-        return labels[int(pred_ids[0])]
+        return labels[int(np.argmax(logits[0]))]
 
     def counts(self, gold: Sequence[str], pred: Sequence[str], names: Sequence[str]) -> np.ndarray:
         row = {name: i for i, name in enumerate(names)}

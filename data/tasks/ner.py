@@ -145,9 +145,9 @@ class NerTask:
         return list(row["tags"])
 
     def prediction(
-        self, encoded: Sequence[Window], pred_ids: Sequence[Any], labels: Sequence[str]
+        self, encoded: Sequence[Window], logits: Sequence[Any], labels: Sequence[str]
     ) -> list[str]:
-        return [labels[i] for i in word_predictions(encoded, pred_ids)]
+        return [labels[i] for i in word_predictions(encoded, logits)]
 
     def counts(
         self, gold: Sequence[list[str]], pred: Sequence[list[str]], names: Sequence[str]
