@@ -1,16 +1,25 @@
 """The job file: one validated tree (pydantic) loaded from YAML plus dotted `key=value` overrides.
 
-An invalid job fails here, before Ray starts, with every bad field named by its dotted path.
+An invalid job fails here, before Ray starts, with every bad field named by its dotted path. The
+model/data/train sections are the worker's own (shardtune.training.config); this module adds
+the head's sections (cluster, run, storage) and composes the tree.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from shardtune.training.config import (
+    DataSection,
+    ModelSection,
+    Section,
+    TrainSection,
+    WorkerConfig,
+)
 
 
 class ConfigError(Exception):
@@ -23,94 +32,7 @@ class ConfigError(Exception):
         super().__init__(f"invalid job config {source} ({len(problems)} problem(s)):\n{lines}")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSection(_Section):
-    name_or_path: str = Field(
-        description="Local directory or URI of a Hugging Face model (weights + tokenizer). "
-        "Never fetched from a hub at run time."
-    )
-    dropout: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        description="Override hidden/attention dropout; None keeps the model's.",
-    )
-
-
-class DataSection(_Section):
-    train: str = Field(
-        description="URI of the prepared training set (directory with manifest.json)."
-    )
-    eval: str | None = Field(default=None, description="URI of the prepared evaluation set.")
-    test: str | None = Field(
-        default=None, description="URI of the prepared test set (final report)."
-    )
-    max_length: int = Field(
-        default=128, ge=8, le=8192,
-        description="Max sub-word tokens per window incl. special tokens; longer NER "
-        "sentences are split into windows, never truncated.",
-    )  # fmt: skip
-    shards_in_memory: int = Field(
-        default=2, ge=1, description="Shards each worker holds at once (current + prefetched)."
-    )
-
-
-class TrainSection(_Section):
-    epochs: int = Field(default=3, ge=1, description="Passes over the training set.")
-    max_steps: int | None = Field(
-        default=None, ge=1, description="Optional cap on optimizer steps."
-    )
-    lr: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(
-        default=16,
-        ge=1,
-        description="Sentences (or texts) per micro-batch, per worker; a long sentence adds several windows.",
-    )
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
-    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
-    warmup: float = Field(
-        default=0.1, ge=0, le=1, description="Fraction of steps of linear warmup."
-    )
-    grad_clip: float = Field(default=1.0, ge=0, description="Gradient norm clip; 0 disables.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="Training precision."
-    )
-    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
-    offload: Literal["none", "cpu"] = Field(
-        default="none",
-        description="ZeRO offload of optimizer state (stage>=1) and params (stage 3).",
-    )
-    seed: int = Field(default=0, description="Seed for init, data order and dropout.")
-    eval_every: int | Literal["epoch"] = Field(
-        default="epoch",
-        description="Evaluate (and checkpoint) every N optimizer steps, or each epoch.",
-    )
-    checkpoint_every_minutes: float | None = Field(
-        default=None, gt=0,
-        description="Also evaluate and checkpoint when this many minutes passed since the last "
-        "checkpoint (checked after each optimizer step; rank 0's clock decides for all ranks). "
-        "None: only eval_every.",
-    )  # fmt: skip
-    log_every: int = Field(default=10, ge=1, description="Progress line every N optimizer steps.")
-    ledger: bool = Field(
-        default=False,
-        description="Record the example ids every rank consumes, per micro-batch, under "
-        "{run.output}/{run.name}/ledger/ (flushed at each report; data/ledger.py reads back what "
-        "the run committed across restarts). For audits and tests; costs one small write per report.",
-    )  # fmt: skip
-
-    @field_validator("eval_every")
-    @classmethod
-    def _positive_eval_every(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be a positive number of steps or 'epoch'")
-        return v
-
-
-class ClusterSection(_Section):
+class ClusterSection(Section):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one per GPU on GPU).")
     use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
@@ -125,7 +47,7 @@ class ClusterSection(_Section):
     )
 
 
-class RunSection(_Section):
+class RunSection(Section):
     name: str = Field(description="Run name: outputs go to {output}/{name}/.")
     output: str = Field(description="URI for checkpoints, report.json and the exported model.")
     keep_checkpoints: int = Field(
@@ -140,7 +62,7 @@ class RunSection(_Section):
         return v
 
 
-class StorageSection(_Section):
+class StorageSection(Section):
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, moto); credentials come from the "
         "environment (AWS_ACCESS_KEY_ID/...), never from this file.",
@@ -148,9 +70,10 @@ class StorageSection(_Section):
     profile: str | None = Field(default=None, description="Named AWS profile.")
 
 
-class JobConfig(_Section):
-    task: Literal["ner", "classify"] = Field(
-        description="Token classification or sequence classification."
+class JobConfig(Section):
+    task: str = Field(
+        description="What the model learns, by task spec name (shardtune.data.tasks): 'ner' "
+        "(token classification) or 'classify' (sequence classification)."
     )
     model: ModelSection
     data: DataSection
@@ -158,6 +81,15 @@ class JobConfig(_Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     run: RunSection
     storage: StorageSection = Field(default_factory=StorageSection)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from shardtune.data.tasks import TASK_NAMES
+
+        if v not in TASK_NAMES:
+            raise ValueError(f"must be one of {', '.join(TASK_NAMES)}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -167,7 +99,7 @@ class JobConfig(_Section):
             problems.append("train.offload: 'cpu' needs train.zero_stage >= 1")
         if t.precision == "fp16" and not self.cluster.use_gpu:
             problems.append(
-                "train.precision: fp16 needs cluster.use_gpu: true (use bf16 or fp32 on CPU)"
+                "train.precision: fp16 needs cluster.use_gpu: true (use auto, bf16-mixed, bf16 or fp32 on CPU)"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -177,6 +109,16 @@ class JobConfig(_Section):
         from shardtune.data.storage import StorageOptions
 
         return StorageOptions(endpoint_url=self.storage.endpoint_url, profile=self.storage.profile)
+
+    def worker_config(self, *, fault: str | None = None, log_level: str = "INFO") -> WorkerConfig:
+        """What the workers receive: their own sections, not this head-side tree."""
+        from shardtune.data import storage
+
+        return WorkerConfig(
+            task=self.task, model=self.model, data=self.data, train=self.train,
+            storage=self.storage_options(), run_uri=storage.join(self.run.output, self.run.name),
+            use_gpu=self.cluster.use_gpu, fault=fault, log_level=log_level,
+        )  # fmt: skip
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -106,13 +106,17 @@ def connect_ray(job: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    if job.cluster.address:
-        ray.init(address=job.cluster.address, logging_level="WARNING")
+    address = job.cluster.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
+    if address:
+        ray.init(address=address, logging_level="WARNING")
         return
     need = job.cluster.num_workers * job.cluster.cpus_per_worker
-    # A local Ray sized for the job; workers inherit this process's environment (credentials,
-    # endpoint), which is why the demo sets them before this call.
+    # A fresh local Ray sized for the job. address="local": a bare ray.init() would join
+    # whatever Ray the machine last advertised (Ray's ray_current_cluster file), even a dead or
+    # foreign one. Workers inherit this process's environment (credentials, endpoint), which
+    # is why the demo sets them before this call.
     ray.init(
+        address="local",
         num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
         # Ray Train's placement-group cleaner polls the State API, which lives in the dashboard.
         include_dashboard=True,
@@ -132,9 +136,14 @@ def _train(job: JobConfig) -> Any:
     has_eval = job.data.eval is not None
     trainer = TorchTrainer(
         train_worker,
-        # The fault spec travels in the config: workers inherit the raylet's environment,
-        # which was fixed when Ray started, not this process's current one.
-        train_loop_config={"job": job, "fault": os.environ.get("SHARDTUNE_FAULT")},
+        # Workers get their own typed config, not this head-side tree. The fault spec travels
+        # in it: workers inherit the raylet's environment, fixed when Ray started, not ours.
+        train_loop_config={
+            "worker": job.worker_config(
+                fault=os.environ.get("SHARDTUNE_FAULT"),
+                log_level=logging.getLevelName(logging.getLogger("shardtune").getEffectiveLevel()),
+            )
+        },
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.cluster.num_workers,
@@ -212,7 +221,18 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
             "train_tokens": last.get("train_tokens"),
             "train_seconds": last.get("train_seconds"),
         },
-        "timing": {"wall_seconds": wall_s},
+        "timing": {
+            "wall_seconds": wall_s,
+            # Where a training step's time goes (fractions of step time, all ranks): getting
+            # and padding the batch, forward, backward, and DeepSpeed's step (gradient
+            # reduction between workers, clipping, optimizer).
+            "step_breakdown": last.get("step_breakdown"),
+            "padding_fraction": last.get("padding_fraction"),
+            "precision": last.get("precision"),
+            "zero_stage": last.get("zero_stage"),
+            "workers": last.get("workers"),
+            "threads_per_worker": last.get("threads_per_worker"),
+        },
         "data": {
             "train_examples": train_manifest.num_examples,
             "padding_examples_per_epoch": last.get("padding_examples_per_epoch"),

@@ -11,7 +11,6 @@ resuming is exact.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -29,9 +28,9 @@ class EpochPlan:
     epoch: int
     shuffle: bool = True
 
-    @property
+    @cached_property
     def total(self) -> int:
-        return sum(self.shard_sizes)
+        return sum(self.shard_sizes)  # once per plan: `locate` runs for every row
 
     @cached_property
     def shard_order(self) -> list[int]:
@@ -47,23 +46,21 @@ class EpochPlan:
         return _rng(self.seed, self.epoch, shard, 0xF00D).permutation(n)
 
     @cached_property
-    def _starts(self) -> list[int]:
-        starts, acc = [], 0
-        for shard in self.shard_order:
-            starts.append(acc)
-            acc += self.shard_sizes[shard]
-        return starts
+    def _starts(self) -> np.ndarray:
+        sizes = np.asarray(self.shard_sizes, dtype=np.int64)[self.shard_order]
+        return np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
 
     def locate(self, position: int) -> tuple[int, int]:
-        """Stream position (wrapped modulo the total) -> (shard index, offset in its row order)."""
+        """Stream position (wrapped modulo the total) -> (shard index, offset in its row order).
+        A binary search over cached shard starts: O(log shards) per row."""
         if self.total == 0:
             raise ValueError("empty dataset")
         position %= self.total
         starts = self._starts
-        k = bisect.bisect_right(starts, position) - 1
+        k = int(np.searchsorted(starts, position, side="right")) - 1
         while self.shard_sizes[self.shard_order[k]] == 0:  # skip empty shards
             k += 1
-        return self.shard_order[k], position - starts[k]
+        return self.shard_order[k], position - int(starts[k])
 
 
 @dataclass(frozen=True)
@@ -127,6 +124,20 @@ def segment_ranges(segment: Segment, total: int) -> Ranges:
 
 def ranges_len(ranges: Ranges) -> int:
     return sum(stop - start for start, stop in ranges)
+
+
+def offsets_to_ranges(ranges: Ranges, offsets: list[int] | tuple[int, ...]) -> Ranges:
+    """Stream positions of the given offsets into a position list `ranges`, as one-position
+    ranges (the rows of a partly consumed length group; see data/batching.py)."""
+    starts = np.cumsum([0] + [stop - start for start, stop in ranges])
+    out = []
+    for offset in sorted(offsets):
+        k = int(np.searchsorted(starts, offset, side="right")) - 1
+        if not 0 <= k < len(ranges):
+            raise ValueError(f"offset {offset} is outside the position list")
+        pos = ranges[k][0] + offset - int(starts[k])
+        out.append((pos, pos + 1))
+    return tuple(out)
 
 
 def _take(ranges: Ranges, count: int) -> list[tuple[int, int]]:

@@ -46,12 +46,18 @@ class TrainState:
     """What a rank needs, beyond the engine, to continue exactly where it stopped."""
 
     epoch: int = 0
-    position: int = 0  # examples of this epoch's `ranges` this rank has consumed
+    # Offset into this epoch's position list (`ranges`) of the length group being read: every
+    # position before it is consumed (data/batching.py).
+    position: int = 0
     step: int = 0  # optimizer steps done (same on every rank)
     micro_step: int = 0  # micro-batches done
     # Stream ranges this rank reads this epoch (data.shard_plan.Ranges); None = the normal plan.
     # Explicit after a restart with another world size, until the epoch ends.
     ranges: tuple | None = None
+    group_step: int = 0  # micro-batches of the current group done
+    # Offsets (into `ranges`) of the current group's rows already consumed: what a resplit for
+    # another world size must not hand out again.
+    group_done: tuple = ()
 
 
 def _file_digests(root: str, names: list[str]) -> dict[str, str]:
@@ -318,7 +324,12 @@ def _load_other_world_size(
     universal checkpoint, converted offline, would carry them over), so ZeRO 1/2 restore the
     weights, scheduler and step counters and start the Adam moments from zero; plain fp32
     (ZeRO 0) keeps its optimizer state whole."""
-    from shardtune.data.shard_plan import reshard_rest_of_epoch, segment_ranges, train_segment
+    from shardtune.data.shard_plan import (
+        offsets_to_ranges,
+        reshard_rest_of_epoch,
+        segment_ranges,
+        train_segment,
+    )
 
     if num_examples is None:
         raise ValueError("num_examples is needed to resume with a different world size")
@@ -341,15 +352,16 @@ def _load_other_world_size(
         for r in range(old_world)
     ]
     old = [TrainState(**b["train_state"]) for b in blobs]
-    consumed = [
-        (
+    consumed = []
+    for r, s in enumerate(old):
+        ranges = (
             s.ranges
             if s.ranges is not None
-            else segment_ranges(train_segment(num_examples, old_world, r), num_examples),
-            s.position,
+            else segment_ranges(train_segment(num_examples, old_world, r), num_examples)
         )
-        for r, s in enumerate(old)
-    ]
+        consumed.append((ranges, s.position))  # whole groups before the current one
+        done = offsets_to_ranges(ranges, list(s.group_done))  # and its consumed micro-batches
+        consumed.append((done, len(done)))
     share = reshard_rest_of_epoch(num_examples, consumed, world_size)[rank]
     rng = blobs[rank % old_world]["rng"]
     torch.set_rng_state(rng["torch"])

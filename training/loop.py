@@ -1,11 +1,11 @@
-"""The per-worker train function that Ray Train runs on every rank.
-
-Reads top to bottom: setup (config, data plan, model, DeepSpeed engine, resume), the epoch
-loop, and evaluate-checkpoint-report. Every rank runs the same number of micro-batches and
-joins every collective; rank-0-only work is marked `if rank == 0`.
+"""The per-worker train function Ray Train runs on every rank, in phases that read top to bottom:
+`setup` (returns the worker's state), `train` (epochs of length-grouped micro-batches, each one
+`train_step`), `evaluate` (one all-reduce), `report` (checkpoint + ray.train.report) and `close`
+(always, in `finally`). When to report is decided by training/schedule.py; every rank runs the
+same number of micro-batches and joins every collective; rank-0-only work says `if w.rank == 0`.
 
 Test-only fault injection: `SHARDTUNE_FAULT="raise@step=5,rank=1,times=1,dir=/tmp/f"` (read by
-the driver and passed in `config["fault"]`, since Ray workers inherit the raylet's environment,
+the driver and passed in WorkerConfig.fault, since Ray workers inherit the raylet's environment,
 not the driver's) makes rank 1 raise after optimizer step 5, or with `wait@...` block with its
 pid in /tmp/f/waiting.pid until a test SIGKILLs it. See training/faults.py.
 """
@@ -19,15 +19,18 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from shardtune.data import storage
 from shardtune.data.alignment import AlignmentStats
+from shardtune.data.batching import group_batches, group_starts, micro_batches_per_epoch
 from shardtune.data.collate import collate
 from shardtune.data.ledger import LedgerWriter, next_attempt
-from shardtune.data.manifest import read_manifest
+from shardtune.data.logs import setup_logging
+from shardtune.data.manifest import Manifest, read_manifest
 from shardtune.data.shard_plan import (
     EpochPlan,
     eval_segment,
@@ -36,36 +39,498 @@ from shardtune.data.shard_plan import (
     train_segment,
 )
 from shardtune.data.stream import ShardStream
+from shardtune.data.tasks import TaskSpec, get_task
 from shardtune.training import checkpoint as ckpt
 from shardtune.training import faults
-from shardtune.training.ds_config import build_deepspeed_config, total_optimizer_steps
-from shardtune.training.evaluation import encode_row, evaluate_rows, metric_names
+from shardtune.training.config import WorkerConfig
+from shardtune.training.ds_config import (
+    build_deepspeed_config,
+    effective_zero_stage,
+    read_cpu_flags,
+    resolve_precision,
+    total_optimizer_steps,
+)
+from shardtune.training.evaluation import evaluate_rows
 from shardtune.training.metrics import scores_from_counts
 from shardtune.training.model import build_model, build_tokenizer, resolve_model_dir
+from shardtune.training.schedule import Cadence, report_due
+
+log = logging.getLogger(__name__)
+
+PHASES = ("data", "forward", "backward", "optimizer")  # the per-step breakdown, in step order
+CUDA_TIMING_EVERY = 20  # on a GPU, time the phases of every 20th micro-batch (needs syncs)
 
 
 @dataclass
 class Meter:
-    """Training throughput since the run (re)started on this rank."""
+    """Training counters of this rank since its worker group started."""
 
     examples: int = 0
     tokens: int = 0  # non-pad tokens
-    seconds: float = 0.0
-    loss_sum: float = 0.0
+    padded_tokens: int = 0  # tokens the model computed, padding included
+    micro_batches: int = 0
+    seconds: float = 0.0  # wall time inside train steps
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    timed_seconds: float = 0.0  # the part of `seconds` whose phases were timed
+    # Loss summed on the device since the last progress line, read only when logging: turning
+    # it into a Python float every step would be a GPU-to-host sync point.
+    loss_sum: Any = 0.0
     loss_n: int = 0
-    data_seconds: float = 0.0  # part of `seconds` spent getting the micro-batch's rows
+
+    def take_loss(self) -> float:
+        mean = float(self.loss_sum) / self.loss_n if self.loss_n else float("nan")
+        self.loss_sum, self.loss_n = 0.0, 0
+        return mean
 
 
-def say(message: str) -> None:
-    """A progress line for the person watching. Written to fd 1 directly: Ray Train's print
-    patch would otherwise emit every line twice (stdout and its logger)."""
-    os.write(1, f"[shardtune] {message}\n".encode())
+@dataclass
+class MicroBatch:
+    rows: list[dict]
+    items: list  # the rows' model inputs (NER windows or encoded texts)
+    offsets: tuple[int, ...]  # the rows' offsets in this epoch's position list
+
+
+@dataclass
+class Worker:
+    """What setup builds and the other phases use."""
+
+    cfg: WorkerConfig
+    rank: int
+    world: int
+    spec: TaskSpec
+    manifest: Manifest
+    labels: list[str]
+    label2id: dict[str, int]
+    tokenizer: Any
+    engine: Any
+    device: torch.device
+    precision: str
+    zero_stage: int
+    segment_len: int  # positions per rank per epoch (equal on all ranks)
+    micro_per_epoch: int
+    total_steps: int
+    state: ckpt.TrainState
+    taken: list[str]  # checkpoint names already in storage: new ones avoid them
+    eval_rows: list[dict]
+    eval_total: int
+    fault: Any
+    ledger: LedgerWriter | None = None
+    stream: ShardStream | None = None
+    meter: Meter = field(default_factory=Meter)
+    stats: AlignmentStats = field(default_factory=AlignmentStats)
+    t_start: float = field(default_factory=time.perf_counter)
+    last_report_step: int = -1
+    last_checkpoint_t: float = field(default_factory=time.perf_counter)
+    first_step_unix: float | None = None  # wall clock of this group's first step (restart latency)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train entry point: config = {"worker": WorkerConfig}; values are read from here,
+    never from module globals captured by pickling."""
+    cfg: WorkerConfig = config["worker"]
+    setup_logging(cfg.log_level)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown progress
+    w = setup(cfg)
+    try:
+        train(w)
+    finally:
+        close(w)
+
+
+# ---------------------------------------------------------------------------------------- setup
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def setup(cfg: WorkerConfig) -> Worker:
+    """Data plan, model, DeepSpeed engine, resume, ledger and this rank's eval rows."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc = cfg.train
+    seed_everything(tc.seed)
+    spec = get_task(cfg.task)
+    manifest = read_manifest(cfg.data.train, cfg.storage)
+    labels = manifest.labels
+    segment_len = len(train_segment(manifest.num_examples, world, rank))
+    micro_per_epoch = micro_batches_per_epoch(segment_len, tc.batch_size)
+    _, total_steps = total_optimizer_steps(
+        segment_len, tc.batch_size, tc.grad_accum, tc.epochs, tc.max_steps
+    )
+    engine, tokenizer, precision, stage = _build_engine(cfg, labels, world, total_steps)
+    w = Worker(
+        cfg=cfg, rank=rank, world=world, spec=spec, manifest=manifest, labels=labels,
+        label2id={label: i for i, label in enumerate(labels)}, tokenizer=tokenizer, engine=engine,
+        device=engine.device, precision=precision, zero_stage=stage, segment_len=segment_len,
+        micro_per_epoch=micro_per_epoch, total_steps=total_steps, state=ckpt.TrainState(),
+        taken=[], eval_rows=[], eval_total=0, fault=faults.parse_fault(cfg.fault),
+    )  # fmt: skip
+    resumed = _resume(w, ray.train.get_checkpoint())
+    if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
+        attempt = int(_all_reduce([next_attempt(cfg.run_uri, cfg.storage) if rank == 0 else 0], w.device, "max")[0])  # fmt: skip
+        w.ledger = LedgerWriter(cfg.run_uri, rank=rank, attempt=attempt, world_size=world, options=cfg.storage,
+                                resumed_step=w.state.step if resumed else None)  # fmt: skip
+    _read_eval_rows(w)
+    if rank == 0:
+        log.info(
+            "%d workers x %d threads, %d training examples, %d micro-batches/epoch/worker, "
+            "%d optimizer steps, ZeRO-%d %s, length groups of %d micro-batches",
+            world, torch.get_num_threads(), manifest.num_examples, micro_per_epoch,
+            w.total_steps, stage, precision, tc.length_grouping,
+        )  # fmt: skip
+    return w
+
+
+def _build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: int) -> tuple:
+    """(DeepSpeed engine, tokenizer, precision, ZeRO stage) with the precision and stage this
+    device and world size run (training/ds_config.py decides)."""
+    import deepspeed
+
+    tc = cfg.train
+    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.storage)
+    tokenizer = build_tokenizer(model_dir)
+    model = build_model(model_dir, cfg.task, labels, cfg.model.dropout)
+    model.config.shardtune_task = cfg.task  # read back by `evaluate` and `serve`
+    model.config.shardtune_max_length = cfg.data.max_length
+    on_gpu = cfg.use_gpu and torch.cuda.is_available()
+    precision = resolve_precision(
+        tc.precision, on_gpu=on_gpu, gpu_bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        cpu_flags=read_cpu_flags(),
+    )  # fmt: skip
+    stage = effective_zero_stage(tc.zero_stage, world, tc.offload)
+    ds_config = build_deepspeed_config(
+        batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world, lr=tc.lr,
+        weight_decay=tc.weight_decay, warmup=tc.warmup, total_steps=total_steps,
+        precision=precision, zero_stage=stage, offload=tc.offload, grad_clip=tc.grad_clip,
+    )  # fmt: skip
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": tc.weight_decay},
+        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine, tokenizer, precision, stage
+
+
+def _resume(w: Worker, resumed_from: Any) -> bool:
+    """Restore engine, RNG and stream position from Ray's latest checkpoint, falling back past
+    a corrupt one (training/checkpoint.py); True if there was one."""
+    if resumed_from is None:
+        return False
+    cfg, tc = w.cfg, w.cfg.train
+    with tempfile.TemporaryDirectory(prefix="shardtune-resume-") as tmp:
+        name, local, w.taken = ckpt.agree_on_checkpoint(
+            cfg.run_uri, os.path.basename(resumed_from.path.rstrip("/")), tmp, rank=w.rank,
+            options=cfg.storage, warn=log.warning,
+        )  # fmt: skip
+        w.state = ckpt.load(w.engine, local, rank=w.rank, world_size=w.world, where=f"{cfg.run_uri}/{name}",
+                            num_examples=w.manifest.num_examples)  # fmt: skip
+    if w.state.ranges is not None:  # resumed with another world size: the epoch's rest was resplit
+        rest = micro_batches_per_epoch(ranges_len(w.state.ranges), tc.batch_size)
+        total = (
+            w.state.step
+            + (rest + w.micro_per_epoch * (tc.epochs - w.state.epoch - 1)) // tc.grad_accum
+        )
+        w.total_steps = min(total, tc.max_steps or total)
+    if w.rank == 0:
+        log.info(
+            "resumed from %s/%s: epoch %d, step %d", cfg.run_uri, name, w.state.epoch, w.state.step
+        )
+    return True
+
+
+def _read_eval_rows(w: Worker) -> None:
+    """This rank's disjoint part of the eval set, read once, in length order (fewer pads)."""
+    if not w.cfg.data.eval:
+        return
+    manifest = read_manifest(w.cfg.data.eval, w.cfg.storage)
+    plan = EpochPlan(tuple(s.num_examples for s in manifest.shards), seed=0, epoch=0, shuffle=False)
+    stream = ShardStream(
+        w.cfg.data.eval, manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
+    )
+    try:
+        segment = eval_segment(manifest.num_examples, w.world, w.rank)
+        w.eval_rows = sorted((row for _, row in stream.iter_from(segment)), key=w.spec.num_tokens)
+    finally:
+        stream.close()
+    w.eval_total = manifest.num_examples
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def train(w: Worker) -> None:
+    """Epochs of micro-batches; after each optimizer step and each epoch, ask the schedule
+    whether to report."""
+    tc = w.cfg.train
+    cadence = Cadence(tc.eval_every, tc.checkpoint_every_minutes)
+    w.engine.train()
+    done = w.state.step >= w.total_steps
+    while not done and w.state.epoch < tc.epochs:
+        for batch in epoch_batches(w):
+            if not train_step(w, batch):
+                continue  # mid-accumulation
+            on_optimizer_step(w)
+            if _agreed(w, cadence, report_due(
+                cadence, "step", step=w.state.step, last_report_step=w.last_report_step,
+                minutes_since_checkpoint=(time.perf_counter() - w.last_checkpoint_t) / 60,
+            )):  # fmt: skip
+                report(w, evaluate(w))
+            if w.state.step >= w.total_steps:
+                done = True
+                break
+        if w.stream is not None:
+            w.stream.close()
+            w.stream = None
+        if not done:
+            w.state.epoch += 1
+            w.state.position, w.state.group_step, w.state.group_done = 0, 0, ()
+            w.state.ranges = None  # the normal plan again
+            if report_due(cadence, "epoch", step=w.state.step, last_report_step=w.last_report_step):
+                report(w, evaluate(w))
+    if report_due(cadence, "end", step=w.state.step, last_report_step=w.last_report_step):
+        report(w, evaluate(w), final=True)
+    if w.rank == 0:
+        log.info("training done in %s", _fmt_duration(time.perf_counter() - w.t_start))
+
+
+def _agreed(w: Worker, cadence: Cadence, due: bool) -> bool:
+    """The decision every rank acts on: its own when decisions depend only on counters (equal on
+    all ranks), rank 0's when they depend on the clock (one collective per step)."""
+    if not cadence.uses_clock or w.world == 1:
+        return due
+    return _all_reduce([float(due) if w.rank == 0 else 0.0], w.device, "max")[0] > 0
+
+
+def epoch_batches(w: Worker) -> Iterator[MicroBatch]:
+    """This rank's micro-batches of the current epoch from its stream position: length groups
+    read from the stream, encoded once, cut by data/batching.py; a resume mid-group recomputes
+    that group and skips the micro-batches it already ran. `train_step` advances the state."""
+    tc, st = w.cfg.train, w.state
+    total = w.manifest.num_examples
+    ranges = st.ranges or segment_ranges(train_segment(total, w.world, w.rank), total)
+    plan = EpochPlan(tuple(s.num_examples for s in w.manifest.shards), seed=tc.seed, epoch=st.epoch)
+    w.stream = ShardStream(
+        w.cfg.data.train, w.manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
+    )
+    rows_from = w.stream.iter_ranges(ranges, st.position)
+    size = tc.batch_size * tc.length_grouping
+    for start in group_starts(ranges_len(ranges), tc.batch_size, tc.length_grouping, st.position):
+        t0 = time.perf_counter()
+        rows = [row for _, (_offset, row) in zip(range(size), rows_from, strict=False)]
+        encoded = [
+            w.spec.encode(row, w.tokenizer, w.label2id, w.cfg.data.max_length, w.stats)
+            for row in rows
+        ]
+        lengths = [sum(len(item.input_ids) for item in items) for items in encoded]
+        batches = group_batches(lengths, tc.batch_size, key=(tc.seed, st.epoch, w.rank, start),
+                                shuffle=tc.length_grouping > 1)  # fmt: skip
+        w.meter.phase_seconds["data"] += time.perf_counter() - t0
+        w.meter.timed_seconds += time.perf_counter() - t0
+        w.meter.seconds += time.perf_counter() - t0
+        for k in range(st.group_step, len(batches)):
+            idx = batches[k]
+            yield MicroBatch([rows[i] for i in idx], [x for i in idx for x in encoded[i]],
+                             tuple(start + i for i in idx))  # fmt: skip
+        st.position, st.group_step, st.group_done = start + len(rows), 0, ()
+
+
+def train_step(w: Worker, batch: MicroBatch) -> bool:
+    """Forward, backward and DeepSpeed's step (which applies the optimizer only at the end of an
+    accumulation); advances the state. True when an optimizer step happened."""
+    st, m, engine = w.state, w.meter, w.engine
+    cuda = w.device.type == "cuda"
+    timed = not cuda or m.micro_batches % CUDA_TIMING_EVERY == 0
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        if timed:
+            if cuda:
+                torch.cuda.synchronize()  # attribute GPU time to the phase that queued it
+            marks.append(time.perf_counter())
+
+    if w.ledger:
+        ids = [int(row["id"]) for row in batch.rows]
+        w.ledger.record(epoch=st.epoch, step=st.step + 1, micro_step=st.micro_step + 1, ids=ids)
+    tensors = collate(batch.items, w.pad_id)
+    n_tokens = tensors.pop("num_tokens")
+    tensors = {k: v.to(w.device, non_blocking=True) for k, v in tensors.items()}
+    mark()
+    loss = engine(**tensors).loss  # under torch.autocast when precision is bf16-mixed
+    mark()
+    engine.backward(loss)
+    mark()
+    engine.step()
+    mark()
+    end = time.perf_counter()
+    if timed:
+        for phase, (a, b) in zip(PHASES, zip(marks, marks[1:], strict=False), strict=True):
+            m.phase_seconds[phase] += b - a
+        m.timed_seconds += end - marks[0]
+    m.seconds += end - marks[0]
+    m.loss_sum = m.loss_sum + loss.detach().float()
+    m.loss_n += 1
+    m.examples += len(batch.rows)
+    m.tokens += n_tokens
+    m.padded_tokens += tensors["input_ids"].numel()
+    m.micro_batches += 1
+    st.micro_step += 1
+    st.group_step += 1
+    st.group_done = st.group_done + batch.offsets
+    return st.micro_step % w.cfg.train.grad_accum == 0
+
+
+def on_optimizer_step(w: Worker) -> None:
+    """Count the step, fire a test fault if one is due, print progress on rank 0."""
+    tc, st, m = w.cfg.train, w.state, w.meter
+    st.step += 1
+    w.first_step_unix = w.first_step_unix or time.time()
+    faults.maybe_fail(w.fault, step=st.step, rank=w.rank)
+    if w.rank != 0 or not (st.step % tc.log_every == 0 or st.step == 1):
+        return
+    rate = m.tokens / m.seconds * w.world if m.seconds else 0.0  # ranks run concurrently
+    eta = (w.total_steps - st.step) * m.seconds / max(1, m.micro_batches // tc.grad_accum)
+    log.info(
+        "step %d/%d epoch %d/%d loss %.4f lr %.2e %.1f ex/s %.0f tok/s (%d workers) pad %.0f%% eta %s",
+        st.step, w.total_steps, st.epoch + 1, tc.epochs, m.take_loss(), w.engine.get_lr()[0],
+        m.examples / m.seconds * w.world if m.seconds else 0.0, rate, w.world,
+        100 * (1 - m.tokens / max(1, m.padded_tokens)), _fmt_duration(eta),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(w: Worker) -> dict:
+    """Every rank predicts its part of the eval set; one all-reduce sums the entity/class
+    counts, the eval loss and the training counters; returns the report's metrics."""
+    tc = w.cfg.train
+    t0 = time.perf_counter()
+    names = w.spec.metric_names(w.labels)
+    counts = np.zeros((len(names), 3), dtype=np.int64)
+    loss_sum, batches = 0.0, 0
+    if w.cfg.data.eval:
+        # Under ZeRO-3 every forward all-gathers parameters, so all ranks run as many batches as
+        # the largest eval segment needs; each rank can work that number out by itself.
+        most_rows = -(-w.eval_total // w.world)
+        w.engine.eval()
+        result = evaluate_rows(
+            lambda b: w.engine(**b), w.eval_rows, task=w.cfg.task, labels=w.labels, names=names,
+            tokenizer=w.tokenizer, max_length=w.cfg.data.max_length, batch_size=tc.batch_size,
+            device=w.device, min_batches=-(-most_rows // tc.batch_size),
+        )  # fmt: skip
+        w.engine.train()
+        counts, loss_sum, batches = (
+            result.counts,
+            result.loss_sum,
+            (result.batches if w.eval_rows else 0),
+        )
+    m = w.meter
+    local = [
+        m.examples,
+        m.tokens,
+        m.padded_tokens,
+        m.seconds,
+        m.timed_seconds,
+        *m.phase_seconds.values(),
+    ]
+    summed = _all_reduce(counts.reshape(-1).tolist() + [loss_sum, batches] + local, w.device)
+    n = counts.size
+    counts = np.asarray(summed[:n], dtype=np.int64).reshape(len(names), 3)
+    eval_loss, eval_batches = summed[n], summed[n + 1]
+    examples, tokens, padded, seconds, timed, *phases = summed[n + 2 :]
+    seconds /= w.world  # ranks train concurrently: mean wall time, not the sum
+    metrics: dict = {
+        "step": w.state.step, "epoch": w.state.epoch, "first_step_unix": w.first_step_unix,
+        "elapsed_seconds": t0 - w.t_start,  # since this worker group started training
+        "train_examples": examples, "train_tokens": tokens, "train_seconds": seconds,
+        "examples_per_s": examples / seconds if seconds else 0.0,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "padding_fraction": 1 - tokens / padded if padded else 0.0,
+        "step_breakdown": {p: s / timed if timed else 0.0 for p, s in zip(PHASES, phases, strict=True)},
+        "data_wait_fraction": phases[0] / timed if timed else 0.0,
+        "precision": w.precision, "zero_stage": w.zero_stage, "workers": w.world,
+        "threads_per_worker": torch.get_num_threads(),
+        "words_without_subwords": w.stats.words_without_subwords,
+        "sentences_split": w.stats.sentences_split,
+        "padding_examples_per_epoch": w.segment_len * w.world - w.manifest.num_examples,
+    }  # fmt: skip
+    if w.cfg.data.eval:
+        scores = scores_from_counts(counts, names)
+        metrics.update(
+            eval_f1=scores["micro"]["f1"], eval_precision=scores["micro"]["precision"],
+            eval_recall=scores["micro"]["recall"], eval_macro_f1=scores["macro"]["f1"],
+            eval_loss=eval_loss / max(1.0, eval_batches), eval_counts=counts.tolist(),
+        )  # fmt: skip
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def report(w: Worker, metrics: dict, final: bool = False) -> None:
+    """Checkpoint (on an optimizer-step boundary) and hand metrics + checkpoint to Ray Train."""
+    import ray.train
+
+    metrics["final"] = final
+    st = w.state
+    # Mid-accumulation gradients are not part of DeepSpeed's state and would be lost on resume.
+    at_boundary = st.micro_step % w.cfg.train.grad_accum == 0
+    if w.ledger:
+        w.ledger.flush()  # before the checkpoint exists: a resume from it never misses lines
+    local = tempfile.mkdtemp(prefix="shardtune-ckpt-")
+    try:
+        checkpoint = None
+        if at_boundary:
+            ckpt.save(
+                w.engine, local, rank=w.rank, world_size=w.world, state=st, tokenizer=w.tokenizer,
+                meta={"metrics": {k: v for k, v in metrics.items() if k != "eval_counts"}},
+            )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(local)
+        ray.train.report(
+            metrics, checkpoint=checkpoint,
+            checkpoint_dir_name=ckpt.new_checkpoint_name(st.step, w.taken) if checkpoint else None,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    w.last_report_step = st.step
+    if at_boundary:
+        w.last_checkpoint_t = time.perf_counter()
+    if w.rank == 0 and "eval_f1" in metrics:
+        b = metrics["step_breakdown"]
+        log.info(
+            "eval @ step %d: micro-F1 %.4f P %.4f R %.4f loss %.4f | %.0f tok/s, step time: "
+            "data %.0f%% forward %.0f%% backward %.0f%% optimizer+comm %.0f%%, padding %.0f%%%s",
+            st.step, metrics["eval_f1"], metrics["eval_precision"], metrics["eval_recall"],
+            metrics["eval_loss"], metrics["tokens_per_s"], *(100 * b[p] for p in PHASES),
+            100 * metrics["padding_fraction"],
+            "" if at_boundary else " (no checkpoint: mid-accumulation)",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- close
+
+
+def close(w: Worker) -> None:
+    """Always runs: stop the stream's prefetch thread. (Ray Train owns the process group and
+    destroys it when the worker group ends.)"""
+    if w.stream is not None:
+        w.stream.close()
+        w.stream = None
+
+
+# ------------------------------------------------------------------------------------- helpers
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -76,282 +541,8 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
     return t.cpu().tolist()
 
 
-def _fmt_eta(seconds: float) -> str:
+def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
-
-
-def train_worker(config: dict) -> None:
-    """Ray Train entry point. `config` = {"job": the validated job tree (cluster.config.JobConfig,
-    passed as an object so this package never imports the head side)}; values are read from
-    here, never from module globals captured by pickling."""
-    import deepspeed
-    import ray.train
-
-    job = config["job"]
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown progress
-    tc = job.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    options = job.storage_options()
-    seed_everything(tc.seed)
-
-    # -- data plan: same step count on every rank --------------------------------------------
-    manifest = read_manifest(job.data.train, options)
-    labels = manifest.labels
-    label2id = {label: i for i, label in enumerate(labels)}
-    shard_sizes = tuple(s.num_examples for s in manifest.shards)
-    segment_len = len(train_segment(manifest.num_examples, world, rank))
-    micro_per_epoch, total_steps = total_optimizer_steps(
-        segment_len, tc.batch_size, tc.grad_accum, tc.epochs, tc.max_steps
-    )
-
-    # -- model and engine --------------------------------------------------------------------
-    model_dir = resolve_model_dir(job.model.name_or_path, options)
-    tokenizer = build_tokenizer(model_dir)
-    model = build_model(model_dir, job.task, labels, job.model.dropout)
-    model.config.shardtune_task = job.task  # read back by `evaluate` and `serve`
-    model.config.shardtune_max_length = job.data.max_length
-    ds_config = build_deepspeed_config(
-        batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world, lr=tc.lr,
-        weight_decay=tc.weight_decay, warmup=tc.warmup, total_steps=total_steps,
-        precision=tc.precision, zero_stage=tc.zero_stage, offload=tc.offload, grad_clip=tc.grad_clip,
-    )  # fmt: skip
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    groups = [
-        {
-            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-            "weight_decay": tc.weight_decay,
-        },
-        {
-            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
-            "weight_decay": 0.0,
-        },
-    ]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    device = engine.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    run_uri = storage.join(job.run.output, job.run.name)  # checkpoints, ledger, snapshot
-    state = ckpt.TrainState()
-    taken: list[str] = []  # names in the run directory at resume: new checkpoints avoid them
-    resumed_from = ray.train.get_checkpoint()  # Ray's latest registered; may prove corrupt
-    if resumed_from is not None:
-        with tempfile.TemporaryDirectory(prefix="shardtune-resume-") as tmp:
-            name, local, taken = ckpt.agree_on_checkpoint(
-                run_uri, os.path.basename(resumed_from.path.rstrip("/")), tmp, rank=rank,
-                options=options, warn=say,
-            )  # fmt: skip
-            state = ckpt.load(engine, local, rank=rank, world_size=world, where=f"{run_uri}/{name}",
-                              num_examples=manifest.num_examples)  # fmt: skip
-        if rank == 0:
-            say(f"resumed from {run_uri}/{name}: epoch {state.epoch}, step {state.step}")
-    fault = faults.parse_fault(config.get("fault"))
-    if state.ranges is not None:  # resumed with another world size: the epoch's rest was resplit
-        rest = -(-(ranges_len(state.ranges) - state.position) // tc.batch_size)
-        total_steps = (
-            state.step + (rest + micro_per_epoch * (tc.epochs - state.epoch - 1)) // tc.grad_accum
-        )
-        total_steps = min(total_steps, tc.max_steps or total_steps)
-    ledger = None
-    if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
-        attempt = int(
-            _all_reduce([next_attempt(run_uri, options) if rank == 0 else 0], device, "max")[0]
-        )
-        ledger = LedgerWriter(run_uri, rank=rank, attempt=attempt, world_size=world, options=options,
-                              resumed_step=state.step if resumed_from is not None else None)  # fmt: skip
-
-    # -- eval rows: this rank's disjoint part, read once ----------------------------------------
-    eval_rows: list[dict] = []
-    names = metric_names(job.task, labels)
-    if job.data.eval:
-        eval_manifest = read_manifest(job.data.eval, options)
-        plan = EpochPlan(
-            tuple(s.num_examples for s in eval_manifest.shards), seed=0, epoch=0, shuffle=False
-        )
-        stream = ShardStream(job.data.eval, eval_manifest, plan, options, job.data.shards_in_memory)
-        eval_rows = [
-            row
-            for _, row in stream.iter_from(eval_segment(eval_manifest.num_examples, world, rank))
-        ]
-        stream.close()
-
-    meter = Meter()
-    stats = AlignmentStats()
-    t_start = time.perf_counter()
-    last_report_step = -1
-    last_checkpoint_t = time.perf_counter()  # rank 0's clock drives checkpoint_every_minutes
-    first_step_unix = None  # wall clock of this worker group's first step (restart latency)
-
-    def evaluate_and_report(final: bool = False) -> None:
-        nonlocal last_report_step, last_checkpoint_t
-        t0 = time.perf_counter()
-        metrics: dict = {
-            "step": state.step, "epoch": state.epoch, "final": final, "first_step_unix": first_step_unix,
-            "elapsed_seconds": t0 - t_start,  # since this worker group started training
-        }  # fmt: skip
-        engine.eval()
-        if eval_rows or job.data.eval:
-            local_batches = -(-len(eval_rows) // tc.batch_size)
-            max_batches = int(_all_reduce([local_batches], device, "max")[0])
-            result = evaluate_rows(
-                lambda b: engine(**b), eval_rows, task=job.task, labels=labels, names=names,
-                tokenizer=tokenizer, max_length=job.data.max_length, batch_size=tc.batch_size,
-                device=device, min_batches=max_batches,
-            )  # fmt: skip
-            flat = result.counts.reshape(-1).tolist() + [
-                result.loss_sum,
-                result.batches if eval_rows else 0,
-            ]
-            summed = _all_reduce(flat, device)
-            counts = np.asarray(summed[:-2], dtype=np.int64).reshape(len(names), 3)
-            scores = scores_from_counts(counts, names)
-            metrics.update(
-                eval_f1=scores["micro"]["f1"], eval_precision=scores["micro"]["precision"],
-                eval_recall=scores["micro"]["recall"], eval_macro_f1=scores["macro"]["f1"],
-                eval_loss=summed[-2] / max(1.0, summed[-1]), eval_counts=counts.tolist(),
-            )  # fmt: skip
-        engine.train()
-        ex, tok, loss_sum, loss_n, secs, data_secs = _all_reduce(
-            [
-                meter.examples,
-                meter.tokens,
-                meter.loss_sum,
-                meter.loss_n,
-                meter.seconds,
-                meter.data_seconds,
-            ],
-            device,
-        )
-        metrics["data_wait_fraction"] = data_secs / secs if secs else 0.0  # of step time, all ranks
-        secs /= world  # ranks train concurrently: mean wall time, not the sum
-        metrics.update(
-            train_loss=loss_sum / max(1.0, loss_n), train_examples=ex, train_tokens=tok,
-            train_seconds=secs, examples_per_s=ex / secs if secs else 0.0,
-            tokens_per_s=tok / secs if secs else 0.0, eval_seconds=time.perf_counter() - t0,
-            words_without_subwords=stats.words_without_subwords, sentences_split=stats.sentences_split,
-            padding_examples_per_epoch=(segment_len * world - manifest.num_examples),
-        )  # fmt: skip
-        # A checkpoint is only taken on an optimizer-step boundary: mid-accumulation gradients
-        # are not part of DeepSpeed's state and would be lost on resume.
-        at_boundary = state.micro_step % tc.grad_accum == 0
-        if ledger:
-            ledger.flush()  # before the checkpoint exists: a resume from it never misses lines
-        local = tempfile.mkdtemp(prefix="shardtune-ckpt-")
-        try:
-            checkpoint = None
-            if at_boundary:
-                ckpt.save(
-                    engine, local, rank=rank, world_size=world, state=state, tokenizer=tokenizer,
-                    meta={"metrics": {k: v for k, v in metrics.items() if k != "eval_counts"}},
-                )  # fmt: skip
-                checkpoint = ray.train.Checkpoint.from_directory(local)
-            ray.train.report(
-                metrics, checkpoint=checkpoint,
-                checkpoint_dir_name=ckpt.new_checkpoint_name(state.step, taken) if checkpoint else None,
-            )  # fmt: skip
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-        last_report_step = state.step
-        if at_boundary:
-            last_checkpoint_t = time.perf_counter()
-        if rank == 0 and "eval_f1" in metrics:
-            say(
-                f"eval @ step {state.step}: micro-F1 {metrics['eval_f1']:.4f} "
-                f"P {metrics['eval_precision']:.4f} R {metrics['eval_recall']:.4f} "
-                f"loss {metrics['eval_loss']:.4f}"
-                + ("" if at_boundary else " (no checkpoint: mid-accumulation)")
-            )
-
-    # -- train ----------------------------------------------------------------------------------
-    engine.train()
-    if rank == 0:
-        say(
-            f"{world} workers, {manifest.num_examples} training examples, "
-            f"{micro_per_epoch} micro-batches/epoch/worker, {total_steps} optimizer steps, "
-            f"ZeRO-{tc.zero_stage} {tc.precision}"
-        )
-    done = state.step >= total_steps
-    while not done and state.epoch < tc.epochs:
-        plan = EpochPlan(shard_sizes, seed=tc.seed, epoch=state.epoch)
-        ranges = state.ranges  # explicit only for the rest of an epoch resplit for a new world size
-        if ranges is None:
-            ranges = segment_ranges(
-                train_segment(manifest.num_examples, world, rank), manifest.num_examples
-            )
-        stream = ShardStream(job.data.train, manifest, plan, options, job.data.shards_in_memory)
-        rows = stream.iter_ranges(ranges, state.position)
-        while True:
-            t0 = time.perf_counter()
-            chunk = [row for _, (_pos, row) in zip(range(tc.batch_size), rows, strict=False)]
-            if not chunk:
-                break
-            meter.data_seconds += time.perf_counter() - t0
-            if ledger:
-                ids = [int(row["id"]) for row in chunk]
-                ledger.record(
-                    epoch=state.epoch, step=state.step + 1, micro_step=state.micro_step + 1, ids=ids
-                )
-            items = [
-                w
-                for row in chunk
-                for w in encode_row(job.task, row, tokenizer, label2id, job.data.max_length, stats)
-            ]
-            batch = collate(items, pad_id)
-            n_tokens = batch.pop("num_tokens")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            state.micro_step += 1
-            state.position += len(chunk)
-            meter.examples += len(chunk)
-            meter.tokens += n_tokens
-            meter.loss_sum += float(loss.detach().float())
-            meter.loss_n += 1
-            meter.seconds += time.perf_counter() - t0
-            if state.micro_step % tc.grad_accum != 0:
-                continue
-            state.step += 1
-            first_step_unix = first_step_unix or time.time()
-            faults.maybe_fail(fault, step=state.step, rank=rank)
-            if rank == 0 and (state.step % tc.log_every == 0 or state.step == 1):
-                rate = meter.examples / meter.seconds if meter.seconds else 0.0
-                eta = (
-                    (total_steps - state.step)
-                    * meter.seconds
-                    / max(1, meter.loss_n // tc.grad_accum)
-                )
-                say(
-                    f"step {state.step}/{total_steps} epoch {state.epoch + 1}/{tc.epochs} "
-                    f"loss {meter.loss_sum / meter.loss_n:.4f} lr {engine.get_lr()[0]:.2e} "
-                    f"{rate * world:.1f} ex/s {meter.tokens / max(meter.seconds, 1e-9) * world:.0f} tok/s "
-                    f"(~{world} workers) eta {_fmt_eta(eta)}"
-                )
-            due = isinstance(tc.eval_every, int) and state.step % tc.eval_every == 0
-            if tc.checkpoint_every_minutes and not due:
-                # Rank 0's clock decides for all: a rank that decided alone would enter the
-                # evaluation collectives without the others and hang.
-                late = (
-                    rank == 0
-                    and time.perf_counter() - last_checkpoint_t >= tc.checkpoint_every_minutes * 60
-                )
-                due = _all_reduce([float(late)], device, "max")[0] > 0
-            if due:
-                evaluate_and_report()
-            if state.step >= total_steps:
-                done = True
-                break
-        stream.close()
-        if not done:
-            state.epoch += 1
-            state.position = 0
-            state.ranges = None  # the normal plan again
-            if tc.eval_every == "epoch":
-                evaluate_and_report()
-    if last_report_step != state.step:
-        evaluate_and_report(final=True)
-    if rank == 0:
-        say(f"training done in {_fmt_eta(time.perf_counter() - t_start)}")

@@ -78,7 +78,8 @@ def ledger_by_rank_step(run: str, options) -> dict:
 def worker_logs(ray_module) -> str:
     logs = ray_module._private.worker._global_node.get_logs_dir_path()
     return "".join(
-        Path(p).read_text(errors="replace") for p in glob.glob(os.path.join(logs, "worker-*.out"))
+        Path(p).read_text(errors="replace")
+        for p in glob.glob(os.path.join(logs, "worker-*.[oe][ur][tr]"))  # .out and .err
     )
 
 

@@ -10,7 +10,9 @@ import pytest
 from shardtune.cluster.job import select_best
 
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED = {"data": {"data"}, "training": {"data", "training"}, "cluster": {"data", "training", "cluster"},
+# cluster (the head and the CLI) may start a server; serving never reaches into training.
+ALLOWED = {"data": {"data"}, "training": {"data", "training"},
+           "cluster": {"data", "training", "cluster", "serving"},
            "serving": {"data", "serving"}}  # fmt: skip
 
 
@@ -49,3 +51,33 @@ def test_select_best_by_eval_f1_then_step():
     assert select_best(cands, has_eval=False)[0] == "c4"
     with pytest.raises(RuntimeError, match="no checkpoint"):
         select_best([], has_eval=True)
+
+
+def test_worker_side_never_needs_the_head(tmp_path):
+    """The worker receives its own typed config (shardtune.training.config.WorkerConfig); it
+    unpickles and the worker entry imports in a process where `shardtune.cluster` cannot be
+    imported at all."""
+    import pickle
+    import subprocess
+    import sys
+
+    from shardtune.cluster.config import validate_tree
+
+    job = validate_tree(
+        {"task": "ner", "model": {"name_or_path": "/m"}, "data": {"train": "/d"},
+         "run": {"name": "r", "output": "/o"}}, "test",
+    )  # fmt: skip
+    worker = job.worker_config()
+    assert type(worker).__module__ == "shardtune.training.config"
+    blob = tmp_path / "worker.pkl"
+    blob.write_bytes(pickle.dumps({"worker": worker}))
+    probe = (
+        "import sys, pickle; sys.modules['shardtune.cluster'] = None; "  # any import of it fails
+        f"cfg = pickle.load(open({str(blob)!r}, 'rb'))['worker']; "
+        "from shardtune.training.loop import train_worker; "
+        "assert not [m for m in sys.modules if m.startswith('shardtune.cluster.')]; "
+        "print(type(cfg).__name__, cfg.train.batch_size, cfg.run_uri)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["WorkerConfig", "16", "/o/r"]

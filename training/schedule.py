@@ -1,0 +1,51 @@
+"""When a worker evaluates and checkpoints (pure): the loop asks, this module decides.
+
+A report (evaluation, then a checkpoint on an optimizer-step boundary) is due
+  - after an optimizer step when `eval_every` is a step count and the step is a multiple of it,
+    or when `checkpoint_every_minutes` have passed since the last checkpoint;
+  - at the end of an epoch that is not the last when `eval_every` is "epoch";
+  - at the end of training unless the last step was just reported.
+Only the clock differs between ranks: with `checkpoint_every_minutes` set, rank 0's decision is
+the one carried to all ranks (a rank deciding alone would enter evaluation's collectives without
+the others and hang). Without it every rank reaches the same decision from the same counters,
+so no collective is needed per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Point = Literal["step", "epoch", "end"]
+
+
+@dataclass(frozen=True)
+class Cadence:
+    eval_every: int | str  # steps, or "epoch"
+    checkpoint_every_minutes: float | None = None
+
+    @property
+    def uses_clock(self) -> bool:
+        """Whether decisions depend on a rank's clock (then rank 0 decides for all)."""
+        return self.checkpoint_every_minutes is not None
+
+
+def report_due(
+    cadence: Cadence,
+    point: Point,
+    *,
+    step: int,
+    last_report_step: int,
+    minutes_since_checkpoint: float = 0.0,
+) -> bool:
+    """Whether to evaluate and checkpoint now, at `point` after optimizer step `step`."""
+    if point == "end":
+        return step != last_report_step
+    if point == "epoch":
+        return cadence.eval_every == "epoch" and step != last_report_step
+    if isinstance(cadence.eval_every, int) and step % cadence.eval_every == 0:
+        return True
+    return (
+        cadence.checkpoint_every_minutes is not None
+        and minutes_since_checkpoint >= cadence.checkpoint_every_minutes
+    )
