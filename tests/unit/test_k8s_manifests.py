@@ -39,13 +39,19 @@ def pod_specs(cluster_spec: dict) -> Iterator[tuple[str, dict]]:
 
 
 def cluster_spec(name: str) -> dict:
-    """The Ray cluster a manifest file describes: a RayCluster's spec or a RayJob's."""
+    """The Ray cluster a manifest file describes: a RayCluster's spec, a RayJob's or a
+    RayService's."""
     if name == "rayjob.yaml":
         return the(name, "RayJob")["spec"]["rayClusterSpec"]
+    if name == "rayservice.yaml":
+        return the(name, "RayService")["spec"]["rayClusterConfig"]
     return the(name, "RayCluster")["spec"]
 
 
 each_cluster = pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+each_ray_manifest = pytest.mark.parametrize(
+    "name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]
+)
 
 
 def problems(doc: dict) -> dict[str, str]:
@@ -67,7 +73,8 @@ def test_vendored_crds_match_their_source_note() -> None:
 # ------------------------------------------------------------------------- the manifests as is
 def test_k8s_holds_the_manifests() -> None:
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "secret-s3.yaml", "serviceaccount.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "secret-s3.yaml",
+            "serviceaccount.yaml"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -257,7 +264,7 @@ def test_rayjob_cleans_up_after_itself() -> None:
     assert spec["ttlSecondsAfterFinished"] >= 0 and spec["backoffLimit"] >= 0
 
 
-@each_cluster
+@each_ray_manifest
 def test_every_ray_pod_reads_s3_credentials_from_the_secret(name: str) -> None:
     cluster = cluster_spec(name)
     secret = the("secret-s3.yaml", "Secret")
@@ -271,7 +278,7 @@ def test_every_ray_pod_reads_s3_credentials_from_the_secret(name: str) -> None:
         assert not literal, f"{name} {role}: credentials as literal values: {literal}"
 
 
-@each_cluster
+@each_ray_manifest
 def test_pods_run_as_the_service_account(name: str) -> None:
     cluster = cluster_spec(name)
     account = the("serviceaccount.yaml", "ServiceAccount")["metadata"]["name"]
@@ -289,7 +296,7 @@ def test_gpu_workers_request_gpus_and_the_head_none(name: str) -> None:
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
 
 
-@each_cluster
+@each_ray_manifest
 def test_images_run_the_declared_ray_version(name: str) -> None:
     cluster = cluster_spec(name)
     images = {c["image"] for _, pod in pod_specs(cluster) for c in pod["containers"]}
@@ -370,3 +377,42 @@ def test_rayjob_runtime_env_matches_the_submit_runtime_env() -> None:
         submit["config"],
     )
     assert env["working_dir"].startswith("s3://") and env["working_dir"].endswith(".zip")
+
+
+# ------------------------------------------------------------------------------- RayService
+def serve_config() -> dict:
+    return yaml.safe_load(the("rayservice.yaml", "RayService")["spec"]["serveConfigV2"])
+
+
+def test_rayservice_serve_config_is_valid_for_ray_serve() -> None:
+    from ray.serve.schema import ServeDeploySchema
+    from shardtune.serving.app import ServeSettings
+
+    config = ServeDeploySchema.model_validate(serve_config())  # Ray's own schema of the file
+    (app,) = config.applications
+    assert app.import_path == "shardtune.serving.app:build" and app.route_prefix == "/"
+    settings = ServeSettings(**app.args)  # the builder's arguments, validated as `serve` does
+    assert settings.model.startswith("s3://") and settings.endpoint_url is None
+    (deployment,) = app.deployments
+    assert deployment.name == "ShardtuneModel"
+    scaling = deployment.autoscaling_config
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    assert deployment.max_queued_requests == settings.max_queued_requests
+    assert deployment.ray_actor_options.num_cpus == settings.num_cpus
+    check_runtime_env(app.runtime_env)
+
+
+def test_rayservice_pip_is_a_subset_of_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (app,) = serve_config()["applications"]
+    assert set(app["runtime_env"]["pip"]) <= set(deps)
+
+
+def test_rayservice_health_and_scaling() -> None:
+    spec = the("rayservice.yaml", "RayService")["spec"]
+    assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    (group,) = spec["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["minReplicas"] < group["maxReplicas"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
