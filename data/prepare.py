@@ -268,20 +268,21 @@ def _streams(
     ]
     if not dicts:
         return {"": [(uri, None) for uri in uris]}
+    # Conflicts with the inputs are CorpusErrors, so the CLI reports them as bad input (exit 2).
     if len(uris) > 1:
-        raise ValueError(
-            f"{dicts[0]} is a DatasetDict that brings its own splits; prepare it as the only "
-            f"input (got {len(uris)} inputs)"
-        )
+        raise corpus.CorpusError(
+            [f"{dicts[0]} is a DatasetDict that brings its own splits; prepare it as the only "
+             f"input (got {len(uris)} inputs)"]
+        )  # fmt: skip
     try:
         given = hf_corpus.dataset_dict_splits(dicts[0], options)
     except ValueError as exc:
         raise corpus.CorpusError([str(exc)]) from None
     if split is not None:
-        raise ValueError(
-            f"{dicts[0]} is a DatasetDict with its own splits {list(given.values())} (written as "
-            f"{list(given)}); drop the split fractions (--split)"
-        )
+        raise corpus.CorpusError(
+            [f"{dicts[0]} is a DatasetDict with its own splits {list(given.values())} (written "
+             f"as {list(given)}); drop the split fractions (--split)"]
+        )  # fmt: skip
     return {name: [(dicts[0], theirs)] for name, theirs in given.items()}
 
 

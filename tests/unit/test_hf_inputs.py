@@ -160,12 +160,15 @@ def test_dataset_dict_refuses_split_fractions_other_inputs_and_unknown_splits(tm
         str(tmp_path / "dd")
     )
     dd = str(tmp_path / "dd")
-    with pytest.raises(ValueError, match="its own splits .*drop the split fractions"):
-        prep.prepare("ner", [dd], str(tmp_path / "out"), split={"train": 0.5, "test": 0.5})
+    [problem] = problems(
+        prep.prepare, "ner", [dd], str(tmp_path / "out"), split={"train": 0.5, "test": 0.5}
+    )
+    assert problem.startswith(f"{dd} is a DatasetDict with its own splits ['train', 'test']")
+    assert problem.endswith("drop the split fractions (--split)")
     other = str(tmp_path / "x.parquet")
     ner_dataset(1).to_parquet(other)
-    with pytest.raises(ValueError, match="only input"):
-        prep.prepare("ner", [dd, other], str(tmp_path / "out"))
+    [problem] = problems(prep.prepare, "ner", [dd, other], str(tmp_path / "out"))
+    assert "prepare it as the only input (got 2 inputs)" in problem
 
     datasets.DatasetDict(train=ner_dataset(2), unsupervised=ner_dataset(1)).save_to_disk(
         str(tmp_path / "odd")
