@@ -32,9 +32,9 @@ def group_size(batch_size: int, length_grouping: int) -> int:
 
 def group_starts(length: int, batch_size: int, length_grouping: int, begin: int = 0) -> range:
     """Offsets (into a rank's position list of `length`) where groups start, from the group
-    holding offset `begin` (a resume point is always a group start)."""
+    holding offset `begin` (a resume point is always a group start, or the end)."""
     size = group_size(batch_size, length_grouping)
-    if begin % size:
+    if begin % size and begin != length:
         raise ValueError(f"offset {begin} is not a group start (groups of {size})")
     return range(begin, length, size)
 

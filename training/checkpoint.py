@@ -309,6 +309,30 @@ def load(
     return TrainState(**blob["train_state"])
 
 
+def rest_of_epoch(old: list[TrainState], num_examples: int, world_size: int) -> list:
+    """Each new rank's share (data.shard_plan.Share) of what the old ranks (their states, in
+    rank order) had not consumed of the interrupted epoch: whole length groups before each
+    old rank's `position`, plus the micro-batches it ran of the group it was in (pure)."""
+    from shardtune.data.shard_plan import (
+        offsets_to_ranges,
+        reshard_rest_of_epoch,
+        segment_ranges,
+        train_segment,
+    )
+
+    consumed = []
+    for r, s in enumerate(old):
+        ranges = (
+            s.ranges
+            if s.ranges is not None
+            else segment_ranges(train_segment(num_examples, len(old), r), num_examples)
+        )
+        consumed.append((ranges, s.position))
+        done = offsets_to_ranges(ranges, list(s.group_done))
+        consumed.append((done, len(done)))
+    return reshard_rest_of_epoch(num_examples, consumed, world_size)
+
+
 def _load_other_world_size(
     engine: Any,
     ckpt_dir: str,
@@ -324,13 +348,6 @@ def _load_other_world_size(
     universal checkpoint, converted offline, would carry them over), so ZeRO 1/2 restore the
     weights, scheduler and step counters and start the Adam moments from zero; plain fp32
     (ZeRO 0) keeps its optimizer state whole."""
-    from shardtune.data.shard_plan import (
-        offsets_to_ranges,
-        reshard_rest_of_epoch,
-        segment_ranges,
-        train_segment,
-    )
-
     if num_examples is None:
         raise ValueError("num_examples is needed to resume with a different world size")
     stage = engine.zero_optimization_stage()
@@ -339,7 +356,19 @@ def _load_other_world_size(
             f"{ckpt_dir}: written by {old_world} ZeRO-3 workers, now {world_size}; ZeRO-3 "
             "partitions can only resume with the same number of workers (use stage 0-2 to change it)"
         )
-    keep_moments = stage == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled()
+    # Moments survive only from a plain (ZeRO-0, fp32) checkpoint into a plain engine: a single
+    # worker runs stage 0 (ds_config.effective_zero_stage), so either side may be partitioned.
+    written_by_zero = any(
+        name.startswith("zero_pp_rank_")
+        for _base, _dirs, files in os.walk(os.path.join(ckpt_dir, DS_TAG))
+        for name in files
+    )
+    keep_moments = (
+        stage == 0
+        and not written_by_zero
+        and not engine.bfloat16_enabled()
+        and not engine.fp16_enabled()
+    )
     path, _ = engine.load_checkpoint(
         os.path.join(ckpt_dir, DS_TAG), tag=DS_TAG, load_optimizer_states=keep_moments
     )
@@ -352,17 +381,7 @@ def _load_other_world_size(
         for r in range(old_world)
     ]
     old = [TrainState(**b["train_state"]) for b in blobs]
-    consumed = []
-    for r, s in enumerate(old):
-        ranges = (
-            s.ranges
-            if s.ranges is not None
-            else segment_ranges(train_segment(num_examples, old_world, r), num_examples)
-        )
-        consumed.append((ranges, s.position))  # whole groups before the current one
-        done = offsets_to_ranges(ranges, list(s.group_done))  # and its consumed micro-batches
-        consumed.append((done, len(done)))
-    share = reshard_rest_of_epoch(num_examples, consumed, world_size)[rank]
+    share = rest_of_epoch(old, num_examples, world_size)[rank]
     rng = blobs[rank % old_world]["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

@@ -384,10 +384,15 @@ def train_step(w: Worker, batch: MicroBatch) -> bool:
     m.tokens += n_tokens
     m.padded_tokens += tensors["input_ids"].numel()
     m.micro_batches += 1
-    st.micro_step += 1
-    st.group_step += 1
-    st.group_done = st.group_done + batch.offsets
+    advance(st, batch)
     return st.micro_step % w.cfg.train.grad_accum == 0
+
+
+def advance(state: ckpt.TrainState, batch: MicroBatch) -> None:
+    """Record a micro-batch as consumed, so a checkpoint taken now resumes right after it."""
+    state.micro_step += 1
+    state.group_step += 1
+    state.group_done = (*state.group_done, *batch.offsets)
 
 
 def on_optimizer_step(w: Worker) -> None:

@@ -58,3 +58,44 @@ def test_total_optimizer_steps():
     assert total_optimizer_steps(100, 16, 2, 3, None) == (7, 10)
     assert total_optimizer_steps(100, 16, 1, 3, 5) == (7, 5)
     assert total_optimizer_steps(1, 16, 4, 1, None) == (1, 1)
+
+
+def test_auto_precision_is_gated_on_the_device():
+    from shardtune.training.ds_config import resolve_precision
+
+    bf16_cpu, old_cpu = "fpu sse2 avx512f avx512_bf16", "fpu sse2 avx2"
+    assert (
+        resolve_precision("auto", on_gpu=False, gpu_bf16=False, cpu_flags=bf16_cpu) == "bf16-mixed"
+    )
+    assert (
+        resolve_precision("auto", on_gpu=False, gpu_bf16=False, cpu_flags="amx_bf16")
+        == "bf16-mixed"
+    )
+    assert resolve_precision("auto", on_gpu=False, gpu_bf16=False, cpu_flags=old_cpu) == "fp32"
+    # a GPU run never sees the CPU's choice, whatever the host CPU has
+    assert resolve_precision("auto", on_gpu=True, gpu_bf16=True, cpu_flags=bf16_cpu) == "bf16"
+    assert resolve_precision("auto", on_gpu=True, gpu_bf16=False, cpu_flags=bf16_cpu) == "fp32"
+    assert resolve_precision("fp32", on_gpu=False, gpu_bf16=False, cpu_flags=bf16_cpu) == "fp32"
+
+
+def test_bf16_mixed_is_torch_autocast_and_the_optimizer_is_fused():
+    cfg = build_deepspeed_config(
+        batch_size=8, grad_accum=1, world_size=2, lr=1e-4, weight_decay=0.0, warmup=0.0,
+        total_steps=10, precision="bf16-mixed", zero_stage=2, offload="none", grad_clip=1.0,
+    )  # fmt: skip
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in cfg  # fp32 weights and optimizer state
+    assert cfg["optimizer"]["params"]["fused"] is True and cfg["optimizer"]["params"]["torch_adam"]
+    offloaded = build_deepspeed_config(
+        batch_size=8, grad_accum=1, world_size=2, lr=1e-4, weight_decay=0.0, warmup=0.0,
+        total_steps=10, precision="fp32", zero_stage=2, offload="cpu", grad_clip=1.0,
+    )  # fmt: skip
+    assert "fused" not in offloaded["optimizer"]["params"]  # DeepSpeed's CPU Adam takes over
+
+
+def test_a_single_worker_runs_zero_0_unless_offloading():
+    from shardtune.training.ds_config import effective_zero_stage
+
+    assert effective_zero_stage(2, 1, "none") == 0
+    assert effective_zero_stage(3, 1, "cpu") == 3
+    assert effective_zero_stage(2, 4, "none") == 2
