@@ -206,3 +206,17 @@ def test_good_bodies():
     assert parse_predict_body(body({"texts": []}), max_texts=4, max_chars=10) == []
     texts = ["é 😀\t", "x" * 10]
     assert parse_predict_body(body({"texts": texts}), max_texts=4, max_chars=10) == texts
+
+
+def test_grafana_dashboard_charts_metrics_the_app_exports():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", m)
+            for e in exprs for m in re.findall(r"shardtune_serve_\w+", e)}  # fmt: skip
+    defined = set(re.findall(r'"(shardtune_serve_\w+)"', (root / "serving" / "app.py").read_text()))
+    assert used and used <= defined, used - defined
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]) >= 8
