@@ -88,7 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     manifests = prepare(
         args.task, args.input, args.output, shards=args.shards, shard_size=args.shard_size,
-        split=args.split, seed=args.seed, options=_options(args),
+        split=args.split, seed=args.seed, options=_options(args), fmt=args.format,
     )  # fmt: skip
     for name, m in manifests.items():
         log.info(
@@ -177,11 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb")
 
+    from shardtune.data.hf_corpus import KINDS as HF_KINDS
+    from shardtune.data.tasks import TASK_NAMES
+
     p = sub.add_parser(
-        "prepare", help="raw corpus (CoNLL/JSONL/CSV) -> Parquet shards + manifest.json"
+        "prepare",
+        help="raw corpus (CoNLL/JSONL/CSV, or a Hugging Face dataset: save_to_disk directory, "
+        "Parquet) -> Parquet shards + manifest.json",
     )
-    p.add_argument("--task", choices=["ner", "classify"], required=True)
-    p.add_argument("--input", nargs="+", required=True, help="files, URIs or globs")
+    p.add_argument("--task", choices=TASK_NAMES, required=True)
+    p.add_argument(
+        "--input", nargs="+", required=True,
+        help="files, URIs or globs; a Dataset/DatasetDict.save_to_disk directory (local or "
+        "s3://) or a .parquet file is read with `datasets`",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=["conll", "jsonl", "csv", *HF_KINDS],
+        help="input format when the file name does not say (default: by extension or "
+        "directory contents); hf-json / hf-csv read JSON Lines / CSV through `datasets`",
+    )  # fmt: skip
     p.add_argument(
         "--output", required=True, help="dataset URI (with --split: one dataset per split under it)"
     )
@@ -249,13 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     from shardtune.data.corpus import CorpusError
     from shardtune.data.logs import setup_logging
     from shardtune.data.manifest import DatasetError
+    from shardtune.training.model import ModelError
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     fn = getattr(args, "fn", cmd_demo)
     try:
         return fn(args)
-    except (UsageError, ConfigError, CorpusError, DatasetError) as exc:
+    except (UsageError, ConfigError, CorpusError, DatasetError, ModelError) as exc:
         # The final word of the command, not a progress line: plain, like argparse's errors.
         # Multi-problem errors (every bad field or line) follow their one summary line.
         print(f"error: {exc}", file=sys.stderr)

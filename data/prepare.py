@@ -164,10 +164,10 @@ def prepare(
             sizes = np.bincount(assignment, minlength=len(split))
             empty = [part for part, size in zip(split, sizes, strict=True) if size == 0]
             if empty:
-                raise ValueError(
+                raise corpus.CorpusError([
                     f"split {empty} would get no examples out of {n}; use fewer splits, "
                     "larger fractions or more data"
-                )
+                ])  # fmt: skip
             part_notes = {"split_fractions": split, "seed": seed}
             writers = {
                 part: writer(storage.join(output, part), int(size),

@@ -101,6 +101,11 @@ def load_exported(model_dir: str, task: str | None = None) -> tuple[Any, Any, st
     return model, build_tokenizer(model_dir), task
 
 
+class ModelError(Exception):
+    """A model directory cannot serve the job (no task head to read, wrong head type,
+    unreadable config); the message names the model and the reason. User input: exit 2."""
+
+
 def _task_of(architectures: list[str]) -> str:
     """The task of a model exported without `shardtune_task`: the first task whose head class
     the architecture is (BertForTokenClassification is an AutoModelForTokenClassification)."""
@@ -108,4 +113,4 @@ def _task_of(architectures: list[str]) -> str:
         head = get_task(name).head_class.removeprefix("AutoModel")
         if any(a.endswith(head) for a in architectures):
             return name
-    raise ValueError(f"cannot tell the task of a model with architectures {architectures}")
+    raise ModelError(f"cannot tell the task of a model with architectures {architectures}")

@@ -105,11 +105,6 @@ def test_shards_and_shard_size_together(corpus, tmp_path, capsys):
     assert_user_error(rc, lines, "--shard-size", "--shards")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data/prepare.py raises ValueError for a split part left empty; it needs a user-input "
-    "type (CorpusError) to exit 2",
-)
 def test_split_part_left_without_examples(corpus, tmp_path, capsys):
     rc, lines = run_cli(prepare_argv(corpus, tmp_path, "--split", "train=0.5,dev=0.3,test=0.2"), capsys)  # fmt: skip
     assert_user_error(rc, lines, "'test'", "no examples")
@@ -203,11 +198,6 @@ def test_evaluate_dataset_of_the_other_task(tmp_path, dataset, capsys):
     assert len(lines) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/model.py raises ValueError for a model without a task head; it needs a "
-    "user-input type to exit 2",
-)
 def test_evaluate_encoder_without_a_task_head(tmp_path, dataset, capsys):
     rc, lines = run_cli(["evaluate", "--model", MODEL, "--data", str(dataset)], capsys)
     assert_user_error(rc, lines, "cannot tell the task")

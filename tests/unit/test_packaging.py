@@ -35,6 +35,11 @@ def test_wheel_holds_only_the_shardtune_package(wheel):
                    "configs/demo.yaml"):  # fmt: skip
         assert f"shardtune/{module}" in names
     assert not [n for n in names if n.startswith(("shardtune/tests/", "shardtune/bench/"))]
+    # every module of the package folders ships (a sub-package missing from pyproject's
+    # explicit list would import from a checkout and fail when installed)
+    for folder in ("data", "training", "cluster", "serving"):
+        for module in (ROOT / folder).rglob("*.py"):
+            assert f"shardtune/{module.relative_to(ROOT).as_posix()}" in names
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info.pop()}/entry_points.txt").decode()
     assert "shardtune = shardtune.cluster.cli:main" in entry_points
 

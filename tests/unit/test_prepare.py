@@ -214,7 +214,7 @@ def test_every_split_gets_the_whole_corpus_label_list(tmp_path):
 def test_a_split_that_would_be_empty_is_an_error_before_writing(tmp_path):
     path = write_ner_jsonl(tmp_path / "a.jsonl", ner_sentences(3))
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(prep.corpus.CorpusError, match="no examples"):
         prep.prepare("ner", [path], str(out), split={"train": 0.9, "test": 0.1})
     assert files_in(out) == []
 
