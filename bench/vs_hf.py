@@ -264,13 +264,15 @@ def row_bare(data: str, model: str, epochs: int, precision: str) -> dict:
 
 def run_row(argv: list[str], label: str) -> dict:
     """One row in a fresh process: wall time from process start to its last result."""
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        sys.stderr.write(out.stdout[-3000:] + out.stderr[-6000:])
-        raise SystemExit(f"row {label} failed (exit {out.returncode})")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, *argv, "--result", path], capture_output=True, text=True)  # fmt: skip
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            sys.stderr.write(out.stdout[-3000:] + out.stderr[-6000:])
+            raise SystemExit(f"row {label} failed (exit {out.returncode})")
+        result = json.loads(Path(path).read_text())
     result["wall_s"] = wall
     return result
 
@@ -291,6 +293,7 @@ def main() -> None:
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.row:
@@ -301,7 +304,7 @@ def main() -> None:
             result = row_bare(args.prepared, args.model, args.epochs, args.precision)
         else:
             result = row_shardtune(args.config)
-        print(json.dumps(result))
+        Path(args.result).write_text(json.dumps(result))
         return
 
     from shardtune.cluster.demo import corpus_path
