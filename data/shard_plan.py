@@ -11,6 +11,7 @@ resuming is exact.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -28,16 +29,26 @@ class EpochPlan:
     epoch: int
     shuffle: bool = True
 
+    # Everything a lookup needs is computed once per plan as int64 arrays (24 bytes a shard:
+    # 24 MB at 1e6 shards), so per-row work never grows with the shard count.
     @cached_property
-    def total(self) -> int:
-        return sum(self.shard_sizes)  # once per plan: `locate` runs for every row
+    def _sizes(self) -> np.ndarray:
+        return np.asarray(self.shard_sizes, dtype=np.int64)
 
     @cached_property
+    def total(self) -> int:
+        return int(self._sizes.sum())
+
+    @cached_property
+    def _order(self) -> np.ndarray:
+        n = len(self.shard_sizes)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return _rng(self.seed, self.epoch, 0x5EED).permutation(n).astype(np.int64)
+
+    @property
     def shard_order(self) -> list[int]:
-        order = list(range(len(self.shard_sizes)))
-        if self.shuffle:
-            order = [int(i) for i in _rng(self.seed, self.epoch, 0x5EED).permutation(order)]
-        return order
+        return self._order.tolist()
 
     def row_order(self, shard: int) -> np.ndarray:
         n = self.shard_sizes[shard]
@@ -47,20 +58,35 @@ class EpochPlan:
 
     @cached_property
     def _starts(self) -> np.ndarray:
-        sizes = np.asarray(self.shard_sizes, dtype=np.int64)[self.shard_order]
+        sizes = self._sizes[self._order]
         return np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+
+    @cached_property
+    def identity(self) -> str:
+        """Names this plan in ledgers: equal identities read the same rows in the same order."""
+        h = hashlib.sha256(self._sizes.tobytes())
+        h.update(f"{self.seed}/{self.epoch}/{self.shuffle}".encode())
+        return h.hexdigest()[:16]
 
     def locate(self, position: int) -> tuple[int, int]:
         """Stream position (wrapped modulo the total) -> (shard index, offset in its row order).
-        A binary search over cached shard starts: O(log shards) per row."""
+        A binary search over cached shard starts; `span` is what the stream calls, once per shard."""
+        shard, offset, _ = self.span(position)
+        return shard, offset
+
+    def span(self, position: int) -> tuple[int, int, int]:
+        """(shard, offset in its row order, rows of that shard from `offset` on) of a stream
+        position: a reader takes that many rows from one shard before it needs to look again."""
         if self.total == 0:
             raise ValueError("empty dataset")
         position %= self.total
         starts = self._starts
         k = int(np.searchsorted(starts, position, side="right")) - 1
-        while self.shard_sizes[self.shard_order[k]] == 0:  # skip empty shards
+        while self._sizes[self._order[k]] == 0:  # skip empty shards
             k += 1
-        return self.shard_order[k], position - int(starts[k])
+        shard = int(self._order[k])
+        offset = position - int(starts[k])
+        return shard, offset, int(self._sizes[shard]) - offset
 
 
 @dataclass(frozen=True)
@@ -101,10 +127,13 @@ def eval_segment(total: int, world_size: int, rank: int) -> Segment:
 def segment_rows(plan: EpochPlan, segment: Segment, begin: int = 0) -> list[tuple[int, int]]:
     """(shard, row) pairs of a segment from offset `begin`, in stream order. For tests and
     ledgers; the stream itself walks the same positions lazily."""
-    out = []
-    for pos in range(segment.start + begin, segment.stop):
-        shard, offset = plan.locate(pos)
-        out.append((shard, int(plan.row_order(shard)[offset])))
+    out: list[tuple[int, int]] = []
+    pos = segment.start + begin
+    while pos < segment.stop:
+        shard, offset, run = plan.span(pos)
+        run = min(run, segment.stop - pos)
+        out += [(shard, int(r)) for r in plan.row_order(shard)[offset : offset + run]]
+        pos += run
     return out
 
 

@@ -82,15 +82,18 @@ class ShardStream:
             if offset_in_list + stop - start <= begin:
                 offset_in_list += stop - start
                 continue
-            first = start + max(0, begin - offset_in_list)
-            for pos in range(first, stop):
-                shard, offset = self.plan.locate(pos)
+            pos = start + max(0, begin - offset_in_list)
+            while pos < stop:  # one plan lookup per shard run, then a slice of its rows
+                shard, offset, run = self.plan.span(pos)
+                run = min(run, stop - pos)
                 rows = self._rows(shard)
-                if offset == 0 or pos == first:
-                    self._prefetch_after(shard, pos + len(rows) - offset, ranges, k)
-                    self._cache.move_to_end(shard)
-                self.stats.examples += 1
-                yield offset_in_list + pos - start, rows[offset]
+                self._prefetch_after(shard, pos + len(rows) - offset, ranges, k)
+                self._cache.move_to_end(shard)
+                base = offset_in_list + pos - start
+                for i, row in enumerate(rows[offset : offset + run]):
+                    self.stats.examples += 1
+                    yield base + i, row
+                pos += run
             offset_in_list += stop - start
 
     def _prefetch_after(self, shard: int, shard_end: int, ranges: Ranges, k: int) -> None:

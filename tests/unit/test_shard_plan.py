@@ -116,3 +116,32 @@ def test_segment_ranges_wrap_to_the_start():
     assert [plan.locate(p) for p in _positions(segment_ranges(seg, 10))] == [
         plan.locate(p) for p in range(seg.start, seg.stop)
     ]
+
+
+class _CountingPlan(EpochPlan):
+    """The real plan, counting lookups."""
+
+    def span(self, position):
+        object.__setattr__(self, "lookups", getattr(self, "lookups", 0) + 1)
+        return super().span(position)
+
+
+def test_one_lookup_per_shard_not_per_row():
+    plan = _CountingPlan(tuple([50] * 40), 5, 0)
+    segment = train_segment(2000, 2, 1)
+    rows = segment_rows(plan, segment)
+    assert len(rows) == 1000 and plan.lookups <= 21  # 20 shards of this half (+ a boundary)
+
+
+def test_plan_for_a_million_shards_is_cheap():
+    import time
+
+    t0 = time.perf_counter()
+    plan = EpochPlan(tuple([1000] * 1_000_000), 1, 2)
+    shard, offset = plan.locate(123_456_789)
+    built = time.perf_counter() - t0
+    arrays = plan._sizes.nbytes + plan._order.nbytes + plan._starts.nbytes
+    assert built < 1.5 and arrays < 100e6
+    assert 0 <= offset < 1000 and plan.span(123_456_789)[:2] == (shard, offset)
+    assert plan.identity == EpochPlan(tuple([1000] * 1_000_000), 1, 2).identity
+    assert plan.identity != EpochPlan(tuple([1000] * 1_000_000), 1, 3).identity
