@@ -17,6 +17,7 @@ from shardtune.training.config import (
     DataSection,
     ModelSection,
     Section,
+    TrackingSection,
     TrainSection,
     WorkerConfig,
 )
@@ -33,7 +34,19 @@ class ConfigError(Exception):
 
 
 class ClusterSection(Section):
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one per GPU on GPU).")
+    num_workers: int | tuple[int, int] = Field(
+        default=2,
+        description="Ray Train workers (one per GPU on GPU); [min, max] makes them elastic: a "
+        "restart after a lost node goes on with as many as fit (at least min), and a healthy "
+        "group grows back towards max when capacity returns (both resume from the latest "
+        "checkpoint, the interrupted epoch resplit over the new world size).",
+    )
+    resize_check_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Elastic only: how often a healthy worker group checks whether more "
+        "workers fit (Ray Train's elastic_resize_monitor_interval_s).",
+    )
     use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(
@@ -43,8 +56,22 @@ class ClusterSection(Section):
     )
     address: str | None = Field(
         default=None,
-        description="Ray address to join ('auto', 'ray://...'); unset = start a local Ray.",
+        description="Ray address to join ('auto', 'ray://...'); unset = a fresh local Ray of the "
+        "job's own, or inside a Ray job (RAY_ADDRESS set) the job's cluster.",
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if low < 1 or high < low:
+            raise ValueError("use a count >= 1 or [min, max] with 1 <= min <= max")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the job can run (what a local Ray is sized for)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class RunSection(Section):
@@ -81,6 +108,7 @@ class JobConfig(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     run: RunSection
     storage: StorageSection = Field(default_factory=StorageSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @field_validator("task")
     @classmethod
@@ -101,6 +129,8 @@ class JobConfig(Section):
             problems.append(
                 "train.precision: fp16 needs cluster.use_gpu: true (use auto, bf16-mixed, bf16 or fp32 on CPU)"
             )
+        if t.early_stopping.patience is not None and self.data.eval is None:
+            problems.append("train.early_stopping.patience: needs data.eval (it watches dev F1)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -117,6 +147,7 @@ class JobConfig(Section):
         return WorkerConfig(
             task=self.task, model=self.model, data=self.data, train=self.train,
             storage=self.storage_options(), run_uri=storage.join(self.run.output, self.run.name),
+            tracking=self.tracking, config_text=yaml.safe_dump(to_public_dict(self), sort_keys=False),
             use_gpu=self.cluster.use_gpu, fault=fault, log_level=log_level,
         )  # fmt: skip
 

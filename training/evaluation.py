@@ -116,6 +116,12 @@ def _dummy_batch(
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def eval_device(cuda_available: bool) -> torch.device:
+    """Where `evaluate_exported` runs the model: the GPU when this process sees one (the Ray task
+    of a GPU job reserves one and Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    return torch.device("cuda", 0) if cuda_available else torch.device("cpu")
+
+
 def evaluate_exported(
     model_uri: str,
     data_uri: str,
@@ -144,9 +150,12 @@ def evaluate_exported(
     # The model's label set and the data's can differ (foreign data); count over both.
     names = sorted(set(metric_names(task, labels)) | set(metric_names(task, manifest.labels)))
     max_length = max_length or getattr(model.config, "shardtune_max_length", None) or 128
+    device = eval_device(torch.cuda.is_available())
+    model.to(device).eval()  # batches follow it in evaluate_rows
     result = evaluate_rows(
         lambda b: model(**b), rows, task=task, labels=labels, names=names, tokenizer=tokenizer,
-        max_length=max_length, batch_size=batch_size, keep_predictions=keep_predictions,
+        max_length=max_length, batch_size=batch_size, device=device,
+        keep_predictions=keep_predictions,
     )  # fmt: skip
     report = {
         "model": model_uri,
@@ -155,6 +164,7 @@ def evaluate_exported(
         "examples": result.examples,
         "loss": result.loss_sum / max(1, result.batches),
         "seconds": time.perf_counter() - t0,
+        "device": device.type,
         **metrics.scores_from_counts(result.counts, names),
     }
     if keep_predictions:
