@@ -89,11 +89,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     manifests = prepare(
         args.task, args.input, args.output, shards=args.shards, shard_size=args.shard_size,
         split=args.split, seed=args.seed, options=_options(args), fmt=args.format,
+        append=args.append,
     )  # fmt: skip
     for name, m in manifests.items():
         log.info(
-            "%s: %d examples, %d tokens, %d shard(s), %d labels",
-            storage.join(args.output, name) if name else args.output,
+            "%s: version %d, %d examples, %d tokens, %d shard(s), %d labels",
+            storage.join(args.output, name) if name else args.output, m.version,
             m.num_examples, m.num_tokens, len(m.shards), len(m.labels),
         )  # fmt: skip
     return 0
@@ -206,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", type=_split, help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--append", action="store_true",
+        help="add --input (new examples only) to the dataset(s) at --output as a new manifest "
+        "version; old shards are not rewritten and no old example changes split",
+    )  # fmt: skip
     _storage_args(p)
     p.set_defaults(fn=cmd_prepare)
 

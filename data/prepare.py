@@ -3,19 +3,28 @@ shards plus a manifest, in the format owned by `data.manifest`."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import posixpath
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import pairwise
+from typing import Any
 
 import numpy as np
 from shardtune.data import corpus, hf_corpus, storage
-from shardtune.data.manifest import MANIFEST, Manifest, ShardInfo, sha256_hex
+from shardtune.data.manifest import (
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    sha256_hex,
+    shard_name,
+    write_manifest,
+)
 from shardtune.data.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -88,18 +97,32 @@ def shard_sizes(
     return [base + 1 if i < extra else base for i in range(n)]
 
 
-def assign_splits(num_examples: int, split: dict[str, float], seed: int) -> np.ndarray:
-    """Split index (position in `split`) of every example id, from a seeded permutation: the
-    first fraction of the permuted ids goes to the first split, and so on."""
+def split_of(content: bytes, split: dict[str, float], seed: int) -> int:
+    """Split index (position in `split`) of one example, a pure function of its content and the
+    seed: a keyed hash mapped to [0, 1) against the cumulative fractions. Growing the corpus
+    never moves an existing sentence, and identical sentences always share a split (no leak of
+    a duplicate into the test set)."""
+    digest = hashlib.blake2b(content, digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    u = int.from_bytes(digest.digest(), "little") / 2**64
+    cumulative = 0.0
+    for k, fraction in enumerate(split.values()):
+        cumulative += fraction
+        if u < cumulative:
+            return k
+    return len(split) - 1  # fractions summing to 1 - 1e-9
+
+
+def example_key(spec: TaskSpec, example: Any) -> bytes:
+    """What an example's split is keyed on: its row without the corpus index."""
+    row = spec.to_row(0, example)
+    row.pop("id")
+    return json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
+
+
+def assign_splits(keys: Iterable[bytes], split: dict[str, float], seed: int) -> np.ndarray:
+    """Split index of every example key (see split_of)."""
     check_split(split)
-    order = np.random.default_rng(seed).permutation(num_examples)
-    # Round the cumulative fractions, not each part, so the parts always add up to the total.
-    bounds = [0] + [round(c * num_examples) for c in np.cumsum(list(split.values()))[:-1]]
-    bounds.append(num_examples)
-    assignment = np.empty(num_examples, dtype=np.int16)
-    for k, (lo, hi) in enumerate(pairwise(bounds)):
-        assignment[order[lo:hi]] = k
-    return assignment
+    return np.array([split_of(k, split, seed) for k in keys], dtype=np.int16)
 
 
 def expand_inputs(inputs: list[str], options: storage.StorageOptions | None = None) -> list[str]:
@@ -132,6 +155,7 @@ def prepare(
     seed: int = 0,
     options: storage.StorageOptions | None = None,
     fmt: str | None = None,
+    append: bool = False,
 ) -> dict[str, Manifest]:
     """Validate `inputs` and write prepared datasets; returns {split name: manifest}, or
     {"": manifest} without `split` (then the dataset is `output` itself).
@@ -140,50 +164,111 @@ def prepare(
     only input, `split` must be None, and its train / validation / test become `output`/train,
     /dev, /test, sharing one label set. Inputs and `fmt` as in corpus.iter_ner.
 
-    The corpus is read twice so it need not fit in memory: pass 1 validates everything and
-    raises one CorpusError before anything is written; pass 2 writes the shards, holding at
-    most one shard's rows per split. Both passes log progress every PROGRESS_SECONDS.
+    An example's split is a hash of its content and `seed` (split_of), so preparing a grown
+    corpus puts every old sentence where it was. `append=True` adds `inputs` (the new sentences
+    only) to the datasets already at `output`: new shards under the next manifest version, old
+    shards untouched, ids continuing after the old corpus, the same split fractions and seed.
+
+    The corpus is read twice so it need not fit in memory: pass 1 validates everything (and
+    counts each split's examples) and raises one CorpusError before anything is written; pass 2
+    hashes again and writes the shards, holding at most one shard's rows per split. Both passes
+    log progress every PROGRESS_SECONDS.
     """
     spec = get_task(task)
     shard_sizes(1, shards, shard_size)  # argument errors before any reading
     if split is not None:
         check_split(split)
     streams = _streams(expand_inputs(inputs, options), split, fmt, options)
-    counts, labels, notes = _survey(spec, streams, options, fmt)
+    if append and any(streams):
+        raise corpus.CorpusError(["--append takes corpus files, not a DatasetDict with splits"])
+    counts, labels, notes = _survey(spec, streams, options, fmt, split, seed)
+    previous = _previous(output, split, seed, labels, options) if append else {}
+    id_base = sum(m.num_examples for m in previous.values())
 
-    def writer(uri: str, count: int, dataset_notes: dict, sources: list[_Source]) -> _DatasetWriter:
-        sizes = shard_sizes(count, shards, shard_size)
+    def writer(uri: str, count: int, dataset_notes: dict, sources: list[_Source],
+               part: str) -> _DatasetWriter:  # fmt: skip
+        sizes = shard_sizes(count, shards, shard_size) if count else []
         source_uris = list(dict.fromkeys(uri for uri, _ in sources))
-        return _DatasetWriter(uri, spec, sizes, labels, source_uris, dataset_notes, options)
+        return _DatasetWriter(uri, spec, sizes, labels, source_uris, dataset_notes, options,
+                              previous=previous.get(part))  # fmt: skip
 
     plans: list[_Plan] = []
     for name, sources in streams.items():
-        n = counts[name]
+        n = sum(counts[name])
         if split:
-            assignment = assign_splits(n, split, seed)
-            sizes = np.bincount(assignment, minlength=len(split))
-            empty = [part for part, size in zip(split, sizes, strict=True) if size == 0]
-            if empty:
-                raise corpus.CorpusError([
-                    f"split {empty} would get no examples out of {n}; use fewer splits, "
-                    "larger fractions or more data"
-                ])  # fmt: skip
-            part_notes = {"split_fractions": split, "seed": seed}
+            sizes = counts[name]
+            if not append:
+                empty = [part for part, size in zip(split, sizes, strict=True) if size == 0]
+                if empty:
+                    raise corpus.CorpusError([
+                        f"split {empty} would get no examples out of {n}; use fewer splits, "
+                        "larger fractions or more data"
+                    ])  # fmt: skip
+            part_notes = {"split_fractions": split, "seed": seed, "split_rule": SPLIT_RULE}
             writers = {
                 part: writer(storage.join(output, part), int(size),
-                             {**notes, "split": part, **part_notes}, sources)
+                             {**notes, "split": part, **part_notes}, sources, part)
                 for part, size in zip(split, sizes, strict=True)
             }  # fmt: skip
+            route = _hash_route(spec, split, seed)
         elif name:  # a split the input brought (DatasetDict)
-            assignment = np.zeros(n, dtype=np.int16)
             given_notes = {**notes, "split": name, "source_split": sources[0][1]}
-            writers = {name: writer(storage.join(output, name), n, given_notes, sources)}
+            writers = {name: writer(storage.join(output, name), n, given_notes, sources, name)}
+            route = _one_route
         else:
-            assignment = np.zeros(n, dtype=np.int16)
-            writers = {"": writer(output, n, notes, sources)}
-        plans.append(_Plan(sources, n, assignment, writers))
-    _write(spec, plans, options, fmt)
+            writers = {"": writer(output, n, notes, sources, "")}
+            route = _one_route
+        plans.append(_Plan(sources, n, route, writers))
+    _write(spec, plans, options, fmt, id_base)
     return {name: w.finish() for plan in plans for name, w in plan.writers.items()}
+
+
+SPLIT_RULE = "blake2b(content, key=seed)"  # in split manifests' notes: how parts were drawn
+
+
+def _hash_route(spec: TaskSpec, split: dict[str, float], seed: int) -> Callable[[Any], int]:
+    return lambda example: split_of(example_key(spec, example), split, seed)
+
+
+def _one_route(example: Any) -> int:
+    return 0
+
+
+def _previous(
+    output: str,
+    split: dict[str, float] | None,
+    seed: int,
+    labels: list[str],
+    options: storage.StorageOptions | None,
+) -> dict[str, Manifest]:
+    """The manifests `--append` extends, by part name, checked against this call: same split
+    fractions and seed (else old sentences would be drawn differently from new ones), and no
+    label the old datasets lack (label ids are positions in the sorted label list)."""
+    from shardtune.data.manifest import DatasetError, read_manifest
+
+    parts = list(split) if split else [""]
+    found, problems = {}, []
+    for part in parts:
+        uri = storage.join(output, part) if part else output
+        try:
+            found[part] = read_manifest(uri, options)
+        except DatasetError as exc:
+            problems.append(f"--append: {exc}")
+            continue
+        notes = found[part].notes
+        if split and (notes.get("split_fractions") != split or notes.get("seed") != seed):
+            problems.append(
+                f"--append: {uri} was split with {notes.get('split_fractions')} seed "
+                f"{notes.get('seed')}, not {split} seed {seed}"
+            )
+        if split and notes.get("split_rule") != SPLIT_RULE:
+            problems.append(f"--append: {uri} was split by position, not by content; re-prepare it")
+        new = sorted(set(labels) - set(found[part].labels))
+        if new:
+            problems.append(f"--append: labels {new} are not in {uri}; re-prepare without --append")
+    if problems:
+        raise corpus.CorpusError(problems)
+    return found
 
 
 @dataclass
@@ -192,7 +277,7 @@ class _Plan:
 
     sources: list[_Source]
     num_examples: int  # what pass 1 counted
-    assignment: np.ndarray  # index into `writers` of every example, in stream order
+    route: Callable[[Any], int]  # example -> index into `writers`
     writers: dict[str, _DatasetWriter]  # by dataset name ("" for `output` itself)
 
 
@@ -201,21 +286,24 @@ def _survey(
     streams: dict[str, list[_Source]],
     options: storage.StorageOptions | None,
     fmt: str | None,
-) -> tuple[dict[str, int], list[str], dict]:
-    """Pass 1: examples per stream, the sorted label set of all streams and the manifest notes,
-    or one CorpusError with every problem."""
+    split: dict[str, float] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, list[int]], list[str], dict]:
+    """Pass 1: examples per stream (per split part with `split`), the sorted label set of all
+    streams and the manifest notes, or one CorpusError with every problem."""
     report = corpus.ReadReport()
     labels: set[str] = set(spec.implicit_labels)
-    counts = {}
+    counts: dict[str, list[int]] = {}
+    route = _hash_route(spec, split, seed) if split else _one_route
     with _Progress("validating") as progress:
         for name, sources in streams.items():
-            counts[name] = 0
+            counts[name] = [0] * (len(split) if split else 1)
             for example in _examples(spec, sources, options, fmt, report, progress):
-                counts[name] += 1
+                counts[name][route(example)] += 1
                 labels.update(spec.example_labels(example))
     if not report.problems:
         for name, count in counts.items():
-            if count == 0:
+            if sum(count) == 0:
                 where = [f"{uri}[{split}]" if split else uri for uri, split in streams[name]]
                 report.problems.append(f"no examples in {where}")
     report.raise_if_problems()
@@ -227,9 +315,11 @@ def _write(
     plans: list[_Plan],
     options: storage.StorageOptions | None,
     fmt: str | None,
+    id_base: int = 0,
 ) -> None:
     """Pass 2: read every stream again and hand each example to its writer; no manifest is
-    written here, so on any error what is on disk reads as an unfinished prepare."""
+    written here, so on any error what is on disk reads as an unfinished prepare (or, when
+    appending, as the previous version: its manifest still names only the old shards)."""
     for plan in plans:
         for writer in plan.writers.values():
             writer.clear_previous()
@@ -242,7 +332,7 @@ def _write(
             for seen, example in enumerate(examples, start=1):
                 if seen > plan.num_examples:
                     break
-                writers[plan.assignment[seen - 1]].add(spec.to_row(seen - 1, example))
+                writers[plan.route(example)].add(spec.to_row(id_base + seen - 1, example))
             report.raise_if_problems()
             if seen != plan.num_examples:
                 found = "more" if seen > plan.num_examples else str(seen)
@@ -339,7 +429,8 @@ def _shard_bytes(spec: TaskSpec, rows: list[dict]) -> bytes:
 
 
 class _DatasetWriter:
-    """Writes one prepared dataset: shards as their rows arrive in id order, manifest last."""
+    """Writes one prepared dataset (or, with `previous`, its next version): shards as their rows
+    arrive in id order, manifest last."""
 
     def __init__(
         self,
@@ -350,9 +441,12 @@ class _DatasetWriter:
         sources: list[str],
         notes: dict,
         options: storage.StorageOptions | None,
+        previous: Manifest | None = None,
     ):
         self.uri, self.spec, self.sizes, self.options = uri, spec, sizes, options
         self.labels, self.sources, self.notes = labels, sources, notes
+        self.previous = previous
+        self.version = previous.version + 1 if previous else 1
         self.rows: list[dict] = []
         self.shards: list[ShardInfo] = []
 
@@ -360,11 +454,15 @@ class _DatasetWriter:
         return sum(self.sizes)
 
     def clear_previous(self) -> None:
+        if self.previous is not None:
+            return  # appending: the old shards and manifest stay as they are
         # Manifest first: if this is interrupted the directory reads as unfinished, never as
         # an old manifest vouching for shards that are being replaced.
         storage.remove(storage.join(self.uri, MANIFEST), self.options)
         for name in storage.list_names(self.uri, self.options):
-            if name.startswith("shard-") and name.endswith(".parquet"):
+            if name.startswith("manifest.") or (
+                name.startswith("shard-") and name.endswith(".parquet")
+            ):
                 storage.remove(storage.join(self.uri, name), self.options)
 
     def add(self, row: dict) -> None:
@@ -373,7 +471,9 @@ class _DatasetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        name = f"shard-{len(self.shards):05d}.parquet"
+        # Version 1 keeps the historic names; later versions' shards get their own names, so
+        # an append can never overwrite a shard an older manifest vouches for.
+        name = shard_name(self.version, len(self.shards))
         data = _shard_bytes(self.spec, self.rows)
         storage.write_bytes(storage.join(self.uri, name), data, self.options)
         num_tokens = sum(self.spec.num_tokens(row) for row in self.rows)
@@ -382,15 +482,18 @@ class _DatasetWriter:
 
     def finish(self) -> Manifest:
         assert not self.rows and len(self.shards) == len(self.sizes), "shard plan not met"
+        old = self.previous
         manifest = Manifest(
             task=self.spec.name,
-            labels=self.labels,
-            num_examples=len(self),
-            num_tokens=sum(s.num_tokens for s in self.shards),
-            shards=self.shards,
-            sources=self.sources,
-            notes=self.notes,
+            labels=old.labels if old else self.labels,
+            num_examples=len(self) + (old.num_examples if old else 0),
+            num_tokens=sum(s.num_tokens for s in self.shards) + (old.num_tokens if old else 0),
+            shards=(list(old.shards) if old else []) + self.shards,
+            sources=list(dict.fromkeys((old.sources if old else []) + self.sources)),
+            notes={**(old.notes if old else {}), **self.notes},
+            version=self.version,
         )
-        storage.write_text(storage.join(self.uri, MANIFEST), manifest.to_json(), self.options)
-        log.info("prepared %s: %d examples, %d shards", self.uri, len(self), len(self.shards))
+        write_manifest(self.uri, manifest, self.options)
+        log.info("prepared %s: %d examples, %d shards (version %d, %d new shards)", self.uri,
+                 manifest.num_examples, len(manifest.shards), self.version, len(self.shards))  # fmt: skip
         return manifest

@@ -9,10 +9,13 @@ variables, a named profile, or the pod's service account, so nothing here can le
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -216,3 +219,87 @@ def remove_tree(uri: str, options: StorageOptions | None = None) -> list[str]:
     removed = [str(f) if protocol == "file" else f"{protocol}://{f}" for f in found]
     with_retries(f"remove {uri}", lambda: fs.rm(path, recursive=True), options)
     return sorted(removed)
+
+
+# ------------------------------------------------------------------------------ node-local cache
+
+
+def cache_root() -> str:
+    """Where a node keeps what its ranks share ($SHARDTUNE_CACHE, else the temp dir)."""
+    return os.environ.get("SHARDTUNE_CACHE") or os.path.join(
+        tempfile.gettempdir(), "shardtune-cache"
+    )
+
+
+@contextlib.contextmanager
+def _node_lock(path: str) -> Iterator[None]:
+    """An exclusive lock between the processes of one node (flock: released if a holder dies)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _content_id(entry: dict) -> str:
+    # S3 gives an ETag per object version; other stores a size and a modification time.
+    return str(
+        entry.get("ETag")
+        or entry.get("etag")
+        or (entry.get("size"), entry.get("mtime") or entry.get("LastModified"))
+    )
+
+
+def node_cached(uri: str, options: StorageOptions | None = None) -> str:
+    """A local path holding the object at `uri`, downloaded at most once per node and content:
+    the node's ranks share it. Keyed by URI and the object's ETag (one HEAD per call), so a
+    replaced object is fetched again rather than served stale. Local files are used in place."""
+    if is_local(uri):
+        path = split_protocol(uri)[1]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(uri)
+        return path
+    fs, path = filesystem(uri, options)
+    info = with_retries(f"stat {uri}", lambda: fs.info(path), options)
+    key = hashlib.sha256(f"{uri}\0{_content_id(info)}".encode()).hexdigest()[:32]
+    dst = os.path.join(cache_root(), key, posixpath.basename(path))
+    if os.path.isfile(dst):
+        return dst
+    with _node_lock(os.path.join(cache_root(), f"{key}.lock")):
+        if not os.path.isfile(dst):  # another rank of this node may have fetched it meanwhile
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.tmp-{os.getpid()}"
+            with_retries(f"download {uri}", lambda: fs.get_file(path, tmp), options)
+            os.replace(tmp, dst)  # atomic: a reader sees no file or the whole file
+    return dst
+
+
+def node_cached_dir(uri: str, options: StorageOptions | None = None) -> str:
+    """node_cached for a directory (a model): one LIST gives every object's ETag, their hash
+    keys the cache; the copy is built under a temp name and renamed whole."""
+    fs, path = filesystem(uri, options)
+    found = with_retries(f"list {uri}", lambda: fs.find(path, detail=True), options)
+    if not found:
+        raise FileNotFoundError(f"nothing at {uri}")
+    root = path.rstrip("/")
+    listing = sorted((posixpath.relpath(str(p), root), _content_id(e)) for p, e in found.items())
+    key = hashlib.sha256(f"{uri}\0{listing}".encode()).hexdigest()[:32]
+    dst = os.path.join(cache_root(), key)
+    if os.path.isdir(dst):
+        return dst
+    with _node_lock(f"{dst}.lock"):
+        if not os.path.isdir(dst):
+            tmp = f"{dst}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for rel, _ in listing:
+                local = os.path.join(tmp, *rel.split("/"))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                remote = posixpath.join(root, rel)
+                with_retries(f"download {rel} from {uri}",
+                             lambda r=remote, d=local: fs.get_file(r, d), options)  # fmt: skip
+            os.replace(tmp, dst)
+    return dst

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from shardtune.data import storage
@@ -38,11 +35,9 @@ def resolve_model_dir(uri: str, options: storage.StorageOptions | None = None) -
                 f"model.name_or_path: {uri} has no config.json (not a model directory)"
             )
         return path
-    # A fresh copy per process: a URI's content can change between runs (a re-exported
-    # model), so a cache keyed by URI would silently serve stale weights.
-    local = tempfile.mkdtemp(prefix="shardtune-model-")
-    atexit.register(shutil.rmtree, local, True)
-    storage.download_dir(uri, local, options)
+    # Once per node and content (data.storage.node_cached_dir): the node's ranks share one
+    # copy, and a re-exported model at the same URI has other ETags, so it is fetched anew.
+    local = storage.node_cached_dir(uri, options)
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise FileNotFoundError(
             f"model.name_or_path: {uri} has no config.json (not a model directory)"

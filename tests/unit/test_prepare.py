@@ -1,6 +1,7 @@
 """raw corpus -> Parquet shards + manifest: round trips, shard plans, splits, failure modes."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -31,7 +32,12 @@ def write_ner_jsonl(path: Path, sentences) -> str:
 
 
 def files_in(path: Path) -> list[str]:
-    return sorted(p.name for p in path.rglob("*") if p.is_file()) if path.exists() else []
+    """Shards and manifest.json; the versioned copy and the index beside every manifest.json
+    are checked by test_versions_and_index_accompany_the_manifest."""
+    if not path.exists():
+        return []
+    extra = re.compile(r"^manifest\.(v\d{5}\.json|index)$")
+    return sorted(p.name for p in path.rglob("*") if p.is_file() and not extra.match(p.name))
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -184,7 +190,7 @@ def test_splits_are_disjoint_cover_every_id_and_keep_corpus_order(tmp_path):
             assert (row["tokens"], row["tags"]) == sentences[row["id"]]
         assert manifest.notes["split"] == name
         assert manifest.notes["seed"] == 3
-    assert [len(ids[n]) for n in SPLIT] == [40, 5, 5]
+    assert sum(len(ids[n]) for n in SPLIT) == 50 and all(ids.values())  # hashed: near 40/5/5
     assert sorted(ids["train"] + ids["dev"] + ids["test"]) == list(range(50))
     assert not (out / MANIFEST).exists()
 
@@ -199,7 +205,8 @@ def test_split_is_deterministic_for_a_seed(tmp_path):
     first = dev_ids(str(tmp_path / "one"), seed=7)
     assert dev_ids(str(tmp_path / "two"), seed=7) == first
     assert dev_ids(str(tmp_path / "three"), seed=8) != first
-    assert list(prep.assign_splits(40, SPLIT, 7)) == list(prep.assign_splits(40, SPLIT, 7))
+    keys = [str(i).encode() for i in range(40)]
+    assert list(prep.assign_splits(keys, SPLIT, 7)) == list(prep.assign_splits(keys, SPLIT, 7))
 
 
 def test_every_split_gets_the_whole_corpus_label_list(tmp_path):
@@ -311,3 +318,64 @@ def test_empty_corpus_and_bad_arguments_are_errors(tmp_path):
     with pytest.raises(ValueError, match="no inputs"):
         prep.prepare("ner", [], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------- growing corpora (issue 13)
+
+
+def _split_of_sentences(out: Path) -> dict[tuple, str]:
+    found = {}
+    for name in SPLIT:
+        for row in read_all_rows(str(out / name))[1]:
+            found[(tuple(row["tokens"]), tuple(row["tags"]))] = name
+    return found
+
+
+def test_growing_the_corpus_moves_no_sentence_between_splits(tmp_path):
+    old = ner_sentences(300)
+    grown = old + [([f"new{i}", "Paris"], ["O", "B-LOC"]) for i in range(120)]
+    prep.prepare("ner", [write_ner_jsonl(tmp_path / "old.jsonl", old)], str(tmp_path / "a"),
+                 split=SPLIT, seed=5)  # fmt: skip
+    prep.prepare("ner", [write_ner_jsonl(tmp_path / "grown.jsonl", grown)], str(tmp_path / "b"),
+                 split=SPLIT, seed=5)  # fmt: skip
+    before, after = _split_of_sentences(tmp_path / "a"), _split_of_sentences(tmp_path / "b")
+    assert len(before) > 250
+    assert {s: after[s] for s in before} == before
+
+
+def test_append_adds_a_version_without_rewriting_old_shards(tmp_path):
+    old = ner_sentences(200)
+    new = [([f"new{i}", "Oslo"], ["O", "B-LOC"]) for i in range(90)]
+    out = tmp_path / "ds"
+    prep.prepare("ner", [write_ner_jsonl(tmp_path / "old.jsonl", old)], str(out), split=SPLIT,
+                 seed=2, shards=2)  # fmt: skip
+    shards_before = {p: p.read_bytes() for p in out.rglob("shard-*.parquet")}
+    split_before = _split_of_sentences(out)
+    manifests = prep.prepare("ner", [write_ner_jsonl(tmp_path / "new.jsonl", new)], str(out),
+                             split=SPLIT, seed=2, shards=1, append=True)  # fmt: skip
+    assert {p: p.read_bytes() for p in shards_before} == shards_before  # untouched
+    after = _split_of_sentences(out)
+    assert {s: after[s] for s in split_before} == split_before
+    assert len(after) == 290
+    for name, m in manifests.items():
+        assert m.version == 2 and read_manifest(str(out / name)) == m
+        assert (out / name / "manifest.v00001.json").exists()
+        assert any(s.name.startswith("shard-v002-") for s in m.shards) or m.num_examples == len(
+            [s for s in split_before.values() if s == name])  # fmt: skip
+    ids = sorted(r["id"] for name in SPLIT for r in read_all_rows(str(out / name))[1])
+    assert ids == list(range(290))  # new ids continue after the old corpus
+    with pytest.raises(CorpusError, match="seed"):
+        prep.prepare("ner", [str(tmp_path / "new.jsonl")], str(out), split=SPLIT, seed=3,
+                     append=True)  # fmt: skip
+
+
+def test_versions_and_index_accompany_the_manifest(tmp_path):
+    from shardtune.data.manifest import INDEX, from_index, read_manifest_compact
+
+    out = tmp_path / "ds"
+    m = prep.prepare("ner", [write_ner_jsonl(tmp_path / "a.jsonl", ner_sentences(30))], str(out),
+                     shards=3)[""]  # fmt: skip
+    assert (out / "manifest.v00001.json").read_text() == (out / MANIFEST).read_text()
+    compact = from_index((out / INDEX).read_bytes())
+    assert list(compact.shards) == m.shards and compact.shard_sizes() == m.shard_sizes()
+    assert read_manifest_compact(str(out)).to_json() == m.to_json()
