@@ -81,6 +81,32 @@ def failure_message(job: JobConfig, exc: BaseException, latest: tuple[str, int] 
     return f"training run {job.run.name!r} failed after {retries}: {what}. {kept}"
 
 
+def compare_labels(job: JobConfig, labels: list[str], say=log.info) -> None:
+    """Retraining a fine-tuned model: say which of its head's labels carry over to the dataset's,
+    which are new and which are dropped. ModelError (naming the model) when it cannot serve the
+    task. A local path under cluster.address names the workers' disk: not checked here."""
+    from shardtune.training.model import check_model_for_task
+
+    uri = job.model.name_or_path
+    if job.cluster.address and storage.is_local(uri) and not uri.startswith("package:"):
+        return
+    plan = check_model_for_task(uri, job.task, labels, job.storage_options())
+    if plan is not None:
+        say(f"retraining {uri}: its head's labels against the dataset's: {plan.describe()}")
+
+
+def read_evaluations(job: JobConfig) -> list[dict]:
+    """Every evaluation of the run, in step order, from the records rank 0 writes at each one
+    ({run}/evals/): all of them, also those whose checkpoints retention deleted, across restarts
+    (a repeated step after a restart overwrote its record)."""
+    from shardtune.training.loop import EVALS_DIR
+
+    options = job.storage_options()
+    root = storage.join(run_dir(job), EVALS_DIR)
+    names = sorted(n for n in storage.list_names(root, options) if n.endswith(".json"))
+    return [json.loads(storage.read_text(storage.join(root, n), options)) for n in names]
+
+
 def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list[tuple[str, dict]]:
     """(name, metrics) pairs, best first: highest eval micro-F1 (ties: the later step), or the
     latest when there is no eval set. A retake of a step after a fallback past a corrupt
@@ -102,6 +128,9 @@ def select_best(candidates: list[tuple[str, dict]], has_eval: bool) -> tuple[str
 
 
 def connect_ray(job: JobConfig) -> None:
+    """Join cluster.address, or the job's cluster inside a Ray job (RAY_ADDRESS), or start a
+    fresh local Ray of this job's own: never whatever Ray another process on the machine
+    advertises."""
     import ray
 
     if ray.is_initialized():
@@ -110,20 +139,32 @@ def connect_ray(job: JobConfig) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return
-    need = job.cluster.num_workers * job.cluster.cpus_per_worker
-    # A fresh local Ray sized for the job. address="local": a bare ray.init() would join
-    # whatever Ray the machine last advertised (Ray's ray_current_cluster file), even a dead or
-    # foreign one. Workers inherit this process's environment (credentials, endpoint), which
-    # is why the demo sets them before this call.
-    ray.init(
-        address="local",
-        num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
-        # Ray Train's placement-group cleaner polls the State API, which lives in the dashboard.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level="WARNING",
-        configure_logging=True,
-    )
+    need = job.cluster.max_workers * job.cluster.cpus_per_worker
+    start_local_ray(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), configure_logging=True)
+
+
+def start_local_ray(num_cpus: int, **init: Any) -> Any:
+    """A fresh local Ray whose processes can only find this Ray's State API.
+
+    address="local": a bare ray.init() would join whatever Ray the machine last advertised
+    (Ray's ray_current_cluster file), even a dead or foreign one. The same discovery runs
+    inside the cluster: Ray Train's placement-group cleaner asks the State API whether the
+    controller lives, and with no address it resolves the API from that file, so a
+    `ray start --head` elsewhere on the machine made it ask the other cluster, hear "no such
+    actor" and remove our placement group (killing the workers). RAY_API_SERVER_ADDRESS
+    overrides that lookup; it is set before ray.init because the raylet, and every worker it
+    starts, copy this process's environment then (as they copy the S3 credentials).
+    """
+    import ray
+    from shardtune.cluster.local_s3 import free_port
+
+    port = init.pop("dashboard_port", None) or free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    init.setdefault("logging_level", "WARNING")
+    return ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=True,
+        dashboard_host="127.0.0.1", dashboard_port=port, **init,
+    )  # fmt: skip
 
 
 def _train(job: JobConfig) -> Any:
@@ -145,10 +186,13 @@ def _train(job: JobConfig) -> Any:
             )
         },
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo"),
+        # [min, max] is Ray Train's elastic group: after a lost node it restarts with as many
+        # workers as fit, and grows back (checked every resize_check_s) when nodes return.
         scaling_config=ScalingConfig(
             num_workers=job.cluster.num_workers,
             use_gpu=job.cluster.use_gpu,
             resources_per_worker={"CPU": job.cluster.cpus_per_worker},
+            elastic_resize_monitor_interval_s=job.cluster.resize_check_s,
         ),
         run_config=RunConfig(
             name=job.run.name,
@@ -240,6 +284,16 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
             "sentences_split_into_windows": last.get("sentences_split"),
         },
         "history": [{k: v for k, v in h.items() if k != "eval_counts"} for h in history],
+        "early_stopping": {
+            "stopped": bool(last.get("stopped_early")),
+            "step": last.get("step") if last.get("stopped_early") else None,
+            "reason": last.get("stopped_early"),
+        },
+        "parameters": {
+            "peft": last.get("peft"),
+            "trainable": last.get("trainable_params"),
+            "total": last.get("total_params"),
+        },
         "config": to_public_dict(job),
     }
 
@@ -256,6 +310,7 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
     for uri in (job.data.eval, job.data.test):
         if uri:
             read_manifest(uri, options)
+    compare_labels(job, train_manifest.labels, say)  # a head that cannot serve: before Ray
     if fresh:
         start_over(job, say)
     elif previous := previous_run(job):
@@ -289,15 +344,16 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
             f"no reported checkpoint of run {job.run.name!r} could be exported (see above)"
         )
     test = _remote_evaluate(job, model_uri) if job.data.test else None
-    history = sorted((m for _, m in candidates), key=lambda m: m.get("step", 0))
-    if result.metrics:
-        history = [h for h in history if h.get("step") != result.metrics.get("step")] + [
-            result.metrics
-        ]
+    history = read_evaluations(job) or [result.metrics or {}]
     report = build_report(
         job, best=best, history=history, test=test, model_uri=model_uri,
         wall_s=time.perf_counter() - t0, train_manifest=train_manifest,
     )  # fmt: skip
+    from shardtune.cluster.plots import write_plots
+    from shardtune.training.tracking import TB_DIR
+
+    report["tensorboard"] = storage.join(run_dir(job), TB_DIR) if job.tracking.tensorboard else None
+    report["plots"] = write_plots(report, run_dir(job), options)
     storage.write_text(
         storage.join(run_dir(job), "report.json"), json.dumps(report, indent=2), options
     )

@@ -154,20 +154,18 @@ def write_classification_jsonl(path: str | Path, n: int, seed: int = 0) -> Path:
 def local_ray(
     num_cpus: int = 2, *, logging_level: str = "WARNING", print_patch: bool = False, **init: Any
 ) -> Iterator[Any]:
-    """`with local_ray(2) as ray:` a fresh local Ray of our own (never one that another process
-    on the machine advertises), dashboard on 127.0.0.1 at a free port (Ray Train's placement-group
-    cleaner needs the State API it serves), shut down on exit. Start it after the environment
+    """`with local_ray(2) as ray:` a fresh local Ray of our own, started as `train` starts one
+    (cluster/job.py start_local_ray: never one that another process on the machine advertises,
+    and its State API is the only one its processes ask), shut down on exit. Start it after the environment
     its workers need (S3 credentials) is set: they inherit it now, not later.
 
     `print_patch`: Ray Train's redirection of print() in workers to its logger, which doubles
     printed lines; RAY_TRAIN_ENABLE_PRINT_PATCH already in the environment wins."""
     import ray
+    from shardtune.cluster.job import start_local_ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "1" if print_patch else "0")
-    ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-        dashboard_port=free_port(), logging_level=logging_level, **init,
-    )  # fmt: skip
+    start_local_ray(num_cpus, logging_level=logging_level, **init)  # the job's own start
     try:
         yield ray
     finally:

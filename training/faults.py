@@ -5,7 +5,9 @@ spec is given (SHARDTUNE_FAULT; see training/loop.py).
 Spec: `ACTION@step=N,rank=R[,times=T],dir=D`
   raise  the rank raises InjectedFault after step N;
   wait   the rank writes its pid to D/waiting.pid and blocks, so a test can SIGKILL it from
-         outside at a known step (it raises after 10 minutes if nobody does).
+         outside at a known step (it raises after 10 minutes if nobody does);
+  pause  as wait, but the rank carries on once D/resume exists, so a test can do something to
+         the cluster while training is known to be in progress.
 `times` (default 1) counts across restarts through marker files in the local directory D:
 a restarted worker group sees how many faults already fired.
 """
@@ -25,7 +27,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # "raise" | "wait"
+    action: str  # "raise" | "wait" | "pause"
     step: int
     rank: int
     dir: str
@@ -38,8 +40,10 @@ def parse_fault(spec: str | None) -> Fault | None:
         return None
     action, _, rest = spec.partition("@")
     fields = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
-    if action not in ("raise", "wait") or not {"step", "rank", "dir"} <= fields.keys():
-        raise ValueError(f"fault spec {spec!r}: expected raise|wait@step=N,rank=R[,times=T],dir=D")
+    if action not in ("raise", "wait", "pause") or not {"step", "rank", "dir"} <= fields.keys():
+        raise ValueError(
+            f"fault spec {spec!r}: expected raise|wait|pause@step=N,rank=R[,times=T],dir=D"
+        )
     return Fault(
         action, int(fields["step"]), int(fields["rank"]), fields["dir"], int(fields.get("times", 1))
     )
@@ -63,5 +67,12 @@ def maybe_fail(fault: Fault | None, *, step: int, rank: int) -> None:
     with open(tmp, "w") as f:
         f.write(str(os.getpid()))
     os.replace(tmp, os.path.join(fault.dir, "waiting.pid"))  # a reader never sees a partial pid
+    if fault.action == "pause":
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while time.monotonic() < deadline:
+            if os.path.exists(os.path.join(fault.dir, "resume")):
+                return
+            time.sleep(0.2)
+        raise InjectedFault(f"{what}: paused {WAIT_LIMIT_S}s; nobody resumed it")
     time.sleep(WAIT_LIMIT_S)
     raise InjectedFault(f"{what}: waited {WAIT_LIMIT_S}s to be killed; nobody did")
