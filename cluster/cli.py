@@ -1,4 +1,4 @@
-"""The command line: prepare | train | evaluate | demo (the default), as `shardtune VERB`,
+"""The command line: prepare | train | evaluate | report | demo (the default), as `shardtune VERB`,
 `python -m shardtune VERB` or `python launch.py VERB` in a checkout. Parses arguments, sets up
 logging (--log-level) and calls the package; user-input errors become one line on stderr and exit
 status 2, with no traceback (a bug in shardtune still shows its traceback).
@@ -8,6 +8,7 @@ shardtune prepare --task ner --input corpus.conll --output s3://bucket/ds --spli
 shardtune train --config configs/demo.yaml train.lr=1e-4 cluster.num_workers=4
     (rerunning it resumes run.name from its latest complete checkpoint; --fresh starts over)
 shardtune evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [--json]
+shardtune report s3://bucket/runs/x                 # the report table again; plots redrawn
 shardtune --log-level DEBUG train ...              # progress and status lines go to stderr
 shardtune serve --model s3://bucket/runs/x/model [--port 8000]   # HTTP API until Ctrl-C
 """
@@ -138,6 +139,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from shardtune.cluster.plots import write_plots
+    from shardtune.cluster.report import run_summary
+    from shardtune.data import storage
+
+    options = _options(args)
+    uri = storage.join(args.run, "report.json")
+    if not storage.exists(uri, options):
+        raise UsageError(f"RUN_URI: {args.run} has no report.json (not a finished run directory)")
+    report = json.loads(storage.read_text(uri, options))
+    report["plots"] = write_plots(report, args.run, options)  # redrawn from report.json alone
+    print(run_summary(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shardtune.cluster.demo import run_demo
 
@@ -237,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _storage_args(p)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("report", help="print a finished run's report table and redraw its plots")
+    p.add_argument("run", metavar="RUN_URI", help="{run.output}/{run.name} of a finished run")
+    _storage_args(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser(
         "demo", help="the default: fine-tune MiniLM on tweet NER, local Ray + S3 on loopback"

@@ -55,9 +55,40 @@ def run_demo(overrides: list[str] | None = None) -> dict:
             corpus_path(), dataset_root, sizes, time.perf_counter() - t0,
         )  # fmt: skip
         report = run_training(job)
+        # The S3 server lives in memory and ends with the demo: keep the run on local disk.
+        kept = keep_run(storage.join(job.run.output, job.run.name), output_dir(job.run.name),
+                        job.storage_options())  # fmt: skip
         print(run_summary(report))  # the demo's result, on stdout like `train`'s
-        log.info(
-            "demo: outputs under %s (removed with the demo's S3 server)",
-            storage.join(job.run.output, job.run.name),
+        print(
+            f"\nthe run is kept in {kept}/ (the demo's S3 server is gone):\n"
+            f"  model:       {kept}/model  (AutoModelForTokenClassification.from_pretrained)\n"
+            f"  report:      {kept}/report.json  (shardtune report {kept})\n"
+            f"  plots:       {', '.join(f'{kept}/{os.path.basename(p)}' for p in report['plots'])}\n"
+            f"  tensorboard: tensorboard --logdir {kept}/tensorboard"
         )
         return report
+
+
+def output_dir(run_name: str) -> str:
+    """Where the demo keeps its run: $SHARDTUNE_DEMO_OUTPUT, else ./shardtune-demo/<run name>."""
+    root = os.environ.get("SHARDTUNE_DEMO_OUTPUT") or os.path.join(os.getcwd(), "shardtune-demo")
+    return os.path.join(root, run_name)
+
+
+def keep_run(run_uri: str, local: str, options) -> str:
+    """Copy what a person opens after the demo (model, report, plots, TensorBoard files; not the
+    checkpoints) from the run directory to `local`; returns `local`."""
+    import shutil
+
+    from shardtune.data import storage
+
+    shutil.rmtree(local, ignore_errors=True)  # a previous demo's copy would mix with this one
+    os.makedirs(local)
+    for name in storage.list_names(run_uri, options):
+        uri = storage.join(run_uri, name)
+        if name in ("model", "tensorboard"):
+            storage.download_dir(uri, os.path.join(local, name), options)
+        elif name == "report.json" or name.endswith(".png"):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(storage.read_bytes(uri, options))
+    return local

@@ -22,6 +22,15 @@ def run_summary(report: dict) -> str:
         f"{_num(tp.get('train_tokens_per_s'), '.0f')} non-pad tokens/s (all workers)",
         f"wall time:       {report['timing']['wall_seconds']:.0f} s",
     ]
+    params = report.get("parameters") or {}
+    if params.get("total"):
+        lines.append(
+            f"parameters:      {params['trainable']:,} trainable of {params['total']:,} "
+            f"({100 * params['trainable'] / params['total']:.2f}%, peft: {params.get('peft')})"
+        )
+    stopped = report.get("early_stopping") or {}
+    if stopped.get("stopped"):
+        lines.append(f"stopped early:   at step {stopped['step']}: {stopped['reason']}")
     test = report.get("test")
     if test:
         lines += [
@@ -31,4 +40,8 @@ def run_summary(report: dict) -> str:
         ]
     else:
         lines += ["", "(no test set configured)"]
+    if report.get("tensorboard"):
+        lines += ["", f"tensorboard:     {report['tensorboard']}"]
+    for uri in report.get("plots") or []:
+        lines.append(f"plot:            {uri}")
     return "\n".join(lines)

@@ -58,6 +58,8 @@ class TrainState:
     # Offsets (into `ranges`) of the current group's rows already consumed: what a resplit for
     # another world size must not hand out again.
     group_done: tuple = ()
+    # Dev micro-F1 of every evaluation so far: early stopping decides from it after a restart too.
+    eval_f1_history: tuple = ()
 
 
 def _file_digests(root: str, names: list[str]) -> dict[str, str]:
@@ -396,4 +398,4 @@ def _load_other_world_size(
         )  # fmt: skip
     # At position 0 of a normal epoch the share equals train_segment's plan for the new size.
     return TrainState(epoch=old[0].epoch, position=0, step=old[0].step, micro_step=old[0].micro_step,
-                      ranges=share.ranges)  # fmt: skip
+                      ranges=share.ranges, eval_f1_history=old[0].eval_f1_history)  # fmt: skip

@@ -4,7 +4,7 @@ a Ray Train worker receives. Nothing here knows about Ray, the head or the clust
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,6 +17,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PeftSection(Section):
+    method: Literal["none", "lora", "bitfit"] = Field(
+        default="none",
+        description="none: full fine-tuning. lora: low-rank adapters (the `peft` library) on "
+        "`target_modules`. bitfit: only biases train. The task head always trains.",
+    )
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale alpha/r).")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Module names (suffixes) LoRA wraps; None = the attention projections and "
+        "dense layers of a BERT-like encoder (query, key, value, dense).",
+    )
+
+
 class ModelSection(Section):
     name_or_path: str = Field(
         description="Local directory or URI of a Hugging Face model (weights + tokenizer), or "
@@ -25,6 +41,10 @@ class ModelSection(Section):
     dropout: float | None = Field(
         default=None, ge=0, lt=1, description="Override hidden/attention dropout; None keeps the model's."
     )  # fmt: skip
+    peft: PeftSection = Field(
+        default_factory=lambda: PeftSection(),
+        description="Parameter-efficient fine-tuning (LoRA, BitFit); none = every weight trains.",
+    )
 
 
 class DataSection(Section):
@@ -46,6 +66,15 @@ class DataSection(Section):
 
 
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16", "fp16"]
+
+
+class EarlyStoppingSection(Section):
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="Stop after this many evaluations without a dev micro-F1 gain of at least "
+        "`min_delta` over the best so far; None = never stop early (needs data.eval).",
+    )  # fmt: skip
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest micro-F1 gain that counts.")
 
 
 class TrainSection(Section):
@@ -100,6 +129,7 @@ class TrainSection(Section):
         "None: only eval_every.",
     )  # fmt: skip
     log_every: int = Field(default=10, ge=1, description="Progress line every N optimizer steps.")
+    early_stopping: EarlyStoppingSection = Field(default_factory=lambda: EarlyStoppingSection())
     ledger: bool = Field(
         default=False,
         description="Record the example ids every rank consumes, per micro-batch, under "
@@ -115,6 +145,35 @@ class TrainSection(Section):
         return v
 
 
+class MlflowSection(Section):
+    tracking_uri: str = Field(
+        description="MLflow tracking URI: an http(s) server, or a local file store "
+        "(file:///path) for offline runs. Credentials come from the environment "
+        "(MLFLOW_TRACKING_TOKEN, ...), never from this file."
+    )
+    experiment: str = Field(default="shardtune", description="MLflow experiment name.")
+
+
+class WandbSection(Section):
+    project: str = Field(default="shardtune", description="W&B project.")
+    entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    mode: Literal["online", "offline"] = Field(
+        default="offline",
+        description="offline: records under {run.output}/{run.name}/wandb/ for `wandb sync` "
+        "(WANDB_API_KEY from the environment for online).",
+    )
+
+
+class TrackingSection(Section):
+    tensorboard: bool = Field(
+        default=True,
+        description="Rank 0 writes TensorBoard event files, copied to "
+        "{run.output}/{run.name}/tensorboard/ at every evaluation and at the end.",
+    )
+    mlflow: MlflowSection | None = Field(default=None, description="Also log to MLflow.")
+    wandb: WandbSection | None = Field(default=None, description="Also log to Weights & Biases.")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a Ray Train worker needs, built by the head from the validated job."""
@@ -126,6 +185,9 @@ class WorkerConfig:
     storage: StorageOptions
     run_uri: str
     """{run.output}/{run.name}: checkpoints, ledger."""
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    config_text: str = ""
+    """The resolved job config (YAML, secrets removed), written to the tracking backends."""
     use_gpu: bool = False
     fault: str | None = None
     """Test-only fault spec (training/faults.py); travels here because Ray workers inherit the

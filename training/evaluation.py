@@ -116,6 +116,16 @@ def _dummy_batch(
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def confusion_matrix(gold: Sequence[str], pred: Sequence[str], names: Sequence[str]) -> dict:
+    """{"labels": names, "matrix": rows = gold label, columns = predicted label} (pure)."""
+    index = {name: i for i, name in enumerate(names)}
+    matrix = [[0] * len(names) for _ in names]
+    for g, p in zip(gold, pred, strict=True):
+        if g in index and p in index:
+            matrix[index[g]][index[p]] += 1
+    return {"labels": list(names), "matrix": matrix}
+
+
 def eval_device(cuda_available: bool) -> torch.device:
     """Where `evaluate_exported` runs the model: the GPU when this process sees one (the Ray task
     of a GPU job reserves one and Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
@@ -155,7 +165,7 @@ def evaluate_exported(
     result = evaluate_rows(
         lambda b: model(**b), rows, task=task, labels=labels, names=names, tokenizer=tokenizer,
         max_length=max_length, batch_size=batch_size, device=device,
-        keep_predictions=keep_predictions,
+        keep_predictions=True,  # also for the confusion matrix
     )  # fmt: skip
     report = {
         "model": model_uri,
@@ -167,6 +177,9 @@ def evaluate_exported(
         "device": device.type,
         **metrics.scores_from_counts(result.counts, names),
     }
+    gold = [get_task(task).gold(row) for row in rows]
+    if gold and all(isinstance(g, str) for g in gold):  # one label per example: a confusion matrix
+        report["confusion"] = confusion_matrix(gold, result.predictions, names)
     if keep_predictions:
         report["predictions"] = {
             row["id"]: p for row, p in zip(rows, result.predictions, strict=True)

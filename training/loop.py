@@ -12,6 +12,7 @@ pid in /tmp/f/waiting.pid until a test SIGKILLs it. See training/faults.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from shardtune.data import storage
 from shardtune.data.alignment import AlignmentStats
 from shardtune.data.batching import group_batches, group_starts, micro_batches_per_epoch
 from shardtune.data.collate import collate
@@ -53,10 +55,14 @@ from shardtune.training.ds_config import (
 from shardtune.training.evaluation import evaluate_rows
 from shardtune.training.metrics import scores_from_counts
 from shardtune.training.model import build_model, build_tokenizer, resolve_model_dir
-from shardtune.training.schedule import Cadence, report_due
+from shardtune.training.parameter_efficient import apply_peft, lora_module_names, parameter_counts
+from shardtune.training.schedule import Cadence, early_stop_reason, report_due
+from shardtune.training.tracking import Tracker, eval_scalars
 
 log = logging.getLogger(__name__)
+EVALS_DIR = "evals"  # {run}/evals/eval-{step}.json, one per evaluation (cluster/job.py reads them)
 
+FINAL_METRICS = ("eval_f1", "eval_macro_f1", "eval_loss", "tokens_per_s")  # hparams' metrics
 PHASES = ("data", "forward", "backward", "optimizer")  # the per-step breakdown, in step order
 CUDA_TIMING_EVERY = 20  # on a GPU, time the phases of every 20th micro-batch (needs syncs)
 
@@ -122,6 +128,11 @@ class Worker:
     last_report_step: int = -1
     last_checkpoint_t: float = field(default_factory=time.perf_counter)
     first_step_unix: float | None = None  # wall clock of this group's first step (restart latency)
+    params: tuple[int, int] = (0, 0)  # (trainable, total)
+    tracker: Tracker | None = None  # rank 0 only
+    loss_points: list = field(default_factory=list)  # rank 0: [step, loss] since the last eval
+    stop_reason: str | None = None  # early stopping's, the same on every rank
+    last_metrics: dict | None = None
 
     @property
     def pad_id(self) -> int:
@@ -166,13 +177,13 @@ def setup(cfg: WorkerConfig) -> Worker:
     _, total_steps = total_optimizer_steps(
         segment_len, tc.batch_size, tc.grad_accum, tc.epochs, tc.max_steps
     )
-    engine, tokenizer, precision, stage = _build_engine(cfg, labels, world, total_steps)
+    engine, tokenizer, precision, stage, params = _build_engine(cfg, labels, world, total_steps)
     w = Worker(
         cfg=cfg, rank=rank, world=world, spec=spec, manifest=manifest, labels=labels,
         label2id={label: i for i, label in enumerate(labels)}, tokenizer=tokenizer, engine=engine,
         device=engine.device, precision=precision, zero_stage=stage, segment_len=segment_len,
         micro_per_epoch=micro_per_epoch, total_steps=total_steps, state=ckpt.TrainState(),
-        taken=[], eval_rows=[], eval_total=0, fault=faults.parse_fault(cfg.fault),
+        taken=[], eval_rows=[], eval_total=0, fault=faults.parse_fault(cfg.fault), params=params,
     )  # fmt: skip
     resumed = _resume(w, ray.train.get_checkpoint())
     if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
@@ -181,6 +192,15 @@ def setup(cfg: WorkerConfig) -> Worker:
                                 resumed_step=w.state.step if resumed else None)  # fmt: skip
     _read_eval_rows(w)
     if rank == 0:
+        w.tracker = Tracker(
+            cfg.tracking, cfg.run_uri, cfg.storage, run_name=os.path.basename(cfg.run_uri),
+            config_text=cfg.config_text,
+            hparams={"model": cfg.model.model_dump(), "train": tc.model_dump(), "workers": world},
+        )  # fmt: skip
+        if cfg.model.peft.method == "lora":
+            log.info("LoRA wraps %s", ", ".join(lora_module_names(engine.module)))
+        log.info("%s parameters trainable of %s (peft: %s)", f"{params[0]:,}", f"{params[1]:,}",
+                 cfg.model.peft.method)  # fmt: skip
         log.info(
             "%d workers x %d threads, %d training examples, %d micro-batches/epoch/worker, "
             "%d optimizer steps, ZeRO-%d %s, length groups of %d micro-batches",
@@ -191,8 +211,8 @@ def setup(cfg: WorkerConfig) -> Worker:
 
 
 def _build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: int) -> tuple:
-    """(DeepSpeed engine, tokenizer, precision, ZeRO stage) with the precision and stage this
-    device and world size run (training/ds_config.py decides)."""
+    """(DeepSpeed engine, tokenizer, precision, ZeRO stage, (trainable, total) parameters) with
+    the precision and stage this device and world size run (training/ds_config.py decides)."""
     import deepspeed
 
     tc = cfg.train
@@ -201,6 +221,11 @@ def _build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps:
     model = build_model(model_dir, cfg.task, labels, cfg.model.dropout)
     model.config.shardtune_task = cfg.task  # read back by `evaluate` and `serve`
     model.config.shardtune_max_length = cfg.data.max_length
+    # The class the weights belong to (a bare encoder's config still names BertModel): what
+    # export rebuilds and what the exported config.json tells transformers.
+    model.config.architectures = [type(model).__name__]
+    model = apply_peft(model, cfg.model.peft, get_task(cfg.task).head_class, cfg.model.name_or_path)
+    params = parameter_counts(model)
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
     precision = resolve_precision(
         tc.precision, on_gpu=on_gpu, gpu_bf16=on_gpu and torch.cuda.is_bf16_supported(),
@@ -213,13 +238,15 @@ def _build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps:
         precision=precision, zero_stage=stage, offload=tc.offload, grad_clip=tc.grad_clip,
     )  # fmt: skip
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    named = list(model.named_parameters())
+    named = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad
+    ]  # frozen: no Adam state
     groups = [
         {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": tc.weight_decay},
         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
     ]  # fmt: skip
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    return engine, tokenizer, precision, stage
+    return engine, tokenizer, precision, stage, params
 
 
 def _resume(w: Worker, resumed_from: Any) -> bool:
@@ -231,7 +258,7 @@ def _resume(w: Worker, resumed_from: Any) -> bool:
     with tempfile.TemporaryDirectory(prefix="shardtune-resume-") as tmp:
         name, local, w.taken = ckpt.agree_on_checkpoint(
             cfg.run_uri, os.path.basename(resumed_from.path.rstrip("/")), tmp, rank=w.rank,
-            options=cfg.storage, warn=log.warning,
+            world_size=w.world, options=cfg.storage, warn=log.warning,
         )  # fmt: skip
         w.state = ckpt.load(w.engine, local, rank=w.rank, world_size=w.world, where=f"{cfg.run_uri}/{name}",
                             num_examples=w.manifest.num_examples)  # fmt: skip
@@ -286,7 +313,7 @@ def train(w: Worker) -> None:
                 minutes_since_checkpoint=(time.perf_counter() - w.last_checkpoint_t) / 60,
             )):  # fmt: skip
                 report(w, evaluate(w))
-            if w.state.step >= w.total_steps:
+            if w.state.step >= w.total_steps or w.stop_reason:
                 done = True
                 break
         if w.stream is not None:
@@ -298,10 +325,15 @@ def train(w: Worker) -> None:
             w.state.ranges = None  # the normal plan again
             if report_due(cadence, "epoch", step=w.state.step, last_report_step=w.last_report_step):
                 report(w, evaluate(w))
+            done = w.stop_reason is not None
     if report_due(cadence, "end", step=w.state.step, last_report_step=w.last_report_step):
         report(w, evaluate(w), final=True)
     if w.rank == 0:
         log.info("training done in %s", _fmt_duration(time.perf_counter() - w.t_start))
+        if w.tracker is not None:
+            final = {k: v for k, v in (w.last_metrics or {}).items() if k in FINAL_METRICS}
+            w.tracker.close(w.state.step, final)
+            w.tracker = None
 
 
 def _agreed(w: Worker, cadence: Cadence, due: bool) -> bool:
@@ -405,10 +437,19 @@ def on_optimizer_step(w: Worker) -> None:
         return
     rate = m.tokens / m.seconds * w.world if m.seconds else 0.0  # ranks run concurrently
     eta = (w.total_steps - st.step) * m.seconds / max(1, m.micro_batches // tc.grad_accum)
+    loss, lr = m.take_loss(), w.engine.get_lr()[0]
+    examples_per_s = m.examples / m.seconds * w.world if m.seconds else 0.0
+    w.loss_points.append([st.step, loss])
+    if w.tracker is not None:
+        norm = w.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
+        w.tracker.log(st.step, {
+            "train/loss": loss, "train/learning_rate": lr, "train/tokens_per_s": rate,
+            "train/examples_per_s": examples_per_s,
+            "train/grad_norm": None if norm is None else float(norm),
+        })  # fmt: skip
     log.info(
         "step %d/%d epoch %d/%d loss %.4f lr %.2e %.1f ex/s %.0f tok/s (%d workers) pad %.0f%% eta %s",
-        st.step, w.total_steps, st.epoch + 1, tc.epochs, m.take_loss(), w.engine.get_lr()[0],
-        m.examples / m.seconds * w.world if m.seconds else 0.0, rate, w.world,
+        st.step, w.total_steps, st.epoch + 1, tc.epochs, loss, lr, examples_per_s, rate, w.world,
         100 * (1 - m.tokens / max(1, m.padded_tokens)), _fmt_duration(eta),
     )  # fmt: skip
 
@@ -469,6 +510,8 @@ def evaluate(w: Worker) -> dict:
         "words_without_subwords": w.stats.words_without_subwords,
         "sentences_split": w.stats.sentences_split,
         "padding_examples_per_epoch": w.segment_len * w.world - w.manifest.num_examples,
+        "trainable_params": w.params[0], "total_params": w.params[1],
+        "peft": w.cfg.model.peft.method,
     }  # fmt: skip
     if w.cfg.data.eval:
         scores = scores_from_counts(counts, names)
@@ -476,6 +519,9 @@ def evaluate(w: Worker) -> dict:
             eval_f1=scores["micro"]["f1"], eval_precision=scores["micro"]["precision"],
             eval_recall=scores["micro"]["recall"], eval_macro_f1=scores["macro"]["f1"],
             eval_loss=eval_loss / max(1.0, eval_batches), eval_counts=counts.tolist(),
+            eval_macro_precision=scores["macro"]["precision"],
+            eval_macro_recall=scores["macro"]["recall"],
+            eval_f1_per_label={name: row["f1"] for name, row in scores["per_type"].items()},
         )  # fmt: skip
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
@@ -488,8 +534,16 @@ def report(w: Worker, metrics: dict, final: bool = False) -> None:
     """Checkpoint (on an optimizer-step boundary) and hand metrics + checkpoint to Ray Train."""
     import ray.train
 
-    metrics["final"] = final
     st = w.state
+    if "eval_f1" in metrics:  # every rank holds the same all-reduced F1: the same decision
+        st.eval_f1_history = (*st.eval_f1_history, metrics["eval_f1"])
+        es = w.cfg.train.early_stopping
+        w.stop_reason = early_stop_reason(list(st.eval_f1_history), es.patience, es.min_delta)
+    metrics["stopped_early"] = w.stop_reason
+    metrics["final"] = final or w.stop_reason is not None
+    if w.rank == 0:
+        metrics["train_loss_points"], w.loss_points = w.loss_points, []
+        _record_evaluation(w, metrics)
     # Mid-accumulation gradients are not part of DeepSpeed's state and would be lost on resume.
     at_boundary = st.micro_step % w.cfg.train.grad_accum == 0
     if w.ledger:
@@ -512,6 +566,9 @@ def report(w: Worker, metrics: dict, final: bool = False) -> None:
     w.last_report_step = st.step
     if at_boundary:
         w.last_checkpoint_t = time.perf_counter()
+    w.last_metrics = metrics
+    if w.rank == 0 and w.stop_reason:
+        log.info("stopping early at step %d: %s", st.step, w.stop_reason)
     if w.rank == 0 and "eval_f1" in metrics:
         b = metrics["step_breakdown"]
         log.info(
@@ -524,6 +581,22 @@ def report(w: Worker, metrics: dict, final: bool = False) -> None:
         )  # fmt: skip
 
 
+def _record_evaluation(w: Worker, metrics: dict) -> None:
+    """Rank 0, before the checkpoint: this evaluation's metrics as one object in storage (the
+    report's history lists every one, not only the checkpoints retention kept), and its points
+    to the trackers, whose files then go to storage."""
+    step = w.state.step
+    storage.write_text(
+        storage.join(w.cfg.run_uri, EVALS_DIR, f"eval-{step:08d}.json"),
+        json.dumps(metrics, default=float), w.cfg.storage,
+    )  # fmt: skip
+    if w.tracker is None:
+        return
+    if "eval_f1" in metrics:
+        w.tracker.log(step, eval_scalars(metrics))
+    w.tracker.flush(step)
+
+
 # ---------------------------------------------------------------------------------------- close
 
 
@@ -533,6 +606,9 @@ def close(w: Worker) -> None:
     if w.stream is not None:
         w.stream.close()
         w.stream = None
+    if w.tracker is not None:  # training failed: keep what was logged, without final metrics
+        w.tracker.close(w.state.step, None)
+        w.tracker = None
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -1,4 +1,5 @@
-"""When a worker evaluates and checkpoints (pure): the loop asks, this module decides.
+"""When a worker evaluates and checkpoints, and when it stops early (pure): the loop asks, this
+module decides.
 
 A report (evaluation, then a checkpoint on an optimizer-step boundary) is due
   - after an optimizer step when `eval_every` is a step count and the step is a multiple of it,
@@ -48,4 +49,22 @@ def report_due(
     return (
         cadence.checkpoint_every_minutes is not None
         and minutes_since_checkpoint >= cadence.checkpoint_every_minutes
+    )
+
+
+def early_stop_reason(
+    f1_history: list[float], patience: int | None, min_delta: float
+) -> str | None:
+    """Why to stop now, or None: the last `patience` evaluations brought no dev micro-F1 gain of
+    at least `min_delta` over the best before them. Every rank gets the same all-reduced F1,
+    so every rank reaches the same answer at the same step with no collective of its own."""
+    if patience is None or len(f1_history) <= patience:
+        return None
+    best_before = max(f1_history[:-patience])
+    recent = f1_history[-patience:]
+    if max(recent) - best_before >= min_delta and max(recent) > best_before:
+        return None
+    return (
+        f"dev micro-F1 did not improve by >= {min_delta:g} over {best_before:.4f} in the last "
+        f"{patience} evaluation(s) (best of them {max(recent):.4f})"
     )
