@@ -210,21 +210,23 @@ def _train(job: JobConfig) -> Any:
 
 
 def export_best(job: JobConfig, checkpoint_name: str) -> str:
-    """Copy the consolidated model of a checkpoint to {output}/{name}/model/, after checking
-    every file against the checksums its rank recorded. Returns the model URI."""
-    from shardtune.training.checkpoint import check_files
+    """Build the plain Hugging Face model of a checkpoint in {output}/{name}/model/ and return
+    its URI. Checkpoints carry no consolidated model (it would make rank 0 write GBs at every
+    checkpoint while all ranks wait), so the head fetches every rank's part once, checks each
+    file against the checksum its rank recorded (raising before anything is exported), and
+    merges the ZeRO partitions (training/export.consolidate)."""
+    from shardtune.training.checkpoint import verify
+    from shardtune.training.export import consolidate
 
     options = job.storage_options()
     src = storage.join(run_dir(job), checkpoint_name)
     dst = storage.join(run_dir(job), "model")
     with tempfile.TemporaryDirectory(prefix="shardtune-export-") as tmp:
-        storage.download_dir(storage.join(src, "hf_model"), os.path.join(tmp, "hf_model"), options)
-        listed = json.loads(
-            storage.read_text(storage.join(src, "rank-00000.complete.json"), options)
-        )["files"]
-        model_files = {rel: d for rel, d in listed.items() if rel.startswith("hf_model/")}
-        check_files(tmp, model_files, where=src, rank=0)  # raises before anything is exported
-        storage.upload_dir(os.path.join(tmp, "hf_model"), dst, options)
+        local, model_dir = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "model")
+        storage.download_dir(src, local, options)
+        verify(local, where=src)
+        consolidate(local, model_dir)
+        storage.upload_dir(model_dir, dst, options)
     return dst
 
 

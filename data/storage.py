@@ -190,6 +190,12 @@ def download_dir(uri: str, local_dir: str, options: StorageOptions | None = None
         )
 
 
+def download_file(uri: str, local_path: str, options: StorageOptions | None = None) -> None:
+    """One object to a local file (one GET); FileNotFoundError if it does not exist."""
+    fs, path = filesystem(uri, options)
+    with_retries(f"download {uri}", lambda: fs.get_file(path, local_path), options)
+
+
 def iter_glob(pattern: str, options: StorageOptions | None = None) -> Iterator[str]:
     """Expand a glob (local or remote) into URIs, sorted; a plain URI yields itself."""
     if not any(ch in pattern for ch in "*?["):

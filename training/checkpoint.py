@@ -1,11 +1,11 @@
-"""Checkpoint save/load on a worker: DeepSpeed engine state, per-rank stream position and RNG,
-and (rank 0) a consolidated Hugging Face model for export.
+"""Checkpoint save/load on a worker: DeepSpeed engine state, per-rank stream position and RNG.
+No consolidated model: training/export.py builds it from the ZeRO partitions at export.
 
 Layout of one checkpoint directory (the union of what every rank writes; Ray Train merges
 the ranks' local directories in storage):
   ds/...                    DeepSpeed's files (model, ZeRO optimizer partitions, scheduler)
   rank-00003.state.pt       rank 3's stream position and RNG states
-  hf_model/                 rank 0: full weights (safetensors), config with label maps, tokenizer
+  hf_config/                rank 0: config with label maps and the tokenizer (KBs, no weights)
   meta.json                 rank 0: step, epoch, world size, metrics, resolved config
   rank-00003.complete.json  written LAST by each rank: sha256 of every file that rank wrote
 A checkpoint is complete only when all `world_size` completion files exist and match.
@@ -13,10 +13,14 @@ A checkpoint is complete only when all `world_size` completion files exist and m
 Resume (`agree_on_checkpoint`): Ray Train hands every rank the latest checkpoint it registered;
 if that one turns out incomplete or corrupt, the previous complete one in storage is used
 instead, with a line saying which file was wrong. `resume_candidates` decides the order (pure).
+With the same world size each rank fetches and verifies only its own files plus rank 0's shared
+ones (`rank_files`): a constant number of objects per rank however many ranks there are; the
+ranks then agree by one all-gather whether every rank found its part complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from shardtune.data import storage
-from shardtune.data.manifest import sha256_hex
 
 DS_TAG = "ds"
+HF_CONFIG = "hf_config"
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,19 @@ class TrainState:
     eval_f1_history: tuple = ()
 
 
+HASH_CHUNK = 8 << 20  # hash files in 8 MB reads: a ZeRO partition can be many GB
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _file_digests(root: str, names: list[str]) -> dict[str, str]:
-    out = {}
-    for rel in names:
-        with open(os.path.join(root, rel), "rb") as f:
-            out[rel] = sha256_hex(f.read())
-    return out
+    return {rel: file_sha256(os.path.join(root, rel)) for rel in names}
 
 
 def _walk(root: str) -> set[str]:
@@ -76,21 +87,6 @@ def _walk(root: str) -> set[str]:
         for name in files:
             found.add(os.path.relpath(os.path.join(base, name), root).replace(os.sep, "/"))
     return found
-
-
-def gather_full_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (None elsewhere). Every rank must call this: under ZeRO-3
-    the parameters are partitioned and gathering them is a collective."""
-    import deepspeed
-
-    module = engine.module
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
-        if rank != 0:
-            return None
-        return {
-            k: v.detach().to(torch.float32).cpu().clone() for k, v in module.state_dict().items()
-        }
 
 
 def save(
@@ -115,12 +111,16 @@ def save(
         {"train_state": asdict(state), "rng": rng},
         os.path.join(local_dir, f"rank-{rank:05d}.state.pt"),
     )
-    full = gather_full_state_dict(engine, rank)
-    if rank == 0:
-        hf_dir = os.path.join(local_dir, "hf_model")
-        engine.module.save_pretrained(hf_dir, state_dict=full)
+    if rank == 0:  # what export needs beside the weights; the weights stay partitioned
+        hf_dir = os.path.join(local_dir, HF_CONFIG)
+        # The head class export rebuilds (save_pretrained on the model would record it too).
+        engine.module.config.architectures = [type(engine.module).__name__]
+        engine.module.config.save_pretrained(hf_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(hf_dir)
+        from shardtune.training.parameter_efficient import save_adapter_config
+
+        save_adapter_config(engine.module, hf_dir)  # LoRA: export merges it (training/export.py)
         with open(os.path.join(local_dir, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(
                 {"world_size": world_size, **asdict(state), **(meta or {})},
@@ -170,9 +170,8 @@ def check_files(root: str, listed: dict[str, str], *, where: str, rank: int) -> 
         full = os.path.join(root, *rel.split("/"))
         if not os.path.isfile(full):
             raise CheckpointError(f"{where}: {rel} (rank {rank}) is missing")
-        with open(full, "rb") as fh:
-            if sha256_hex(fh.read()) != digest:
-                raise CheckpointError(f"{where}: {rel} (rank {rank}) does not match its sha256")
+        if file_sha256(full) != digest:
+            raise CheckpointError(f"{where}: {rel} (rank {rank}) does not match its sha256")
 
 
 _NAME = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
@@ -246,47 +245,116 @@ def fetch_first_complete(
     return None
 
 
+_PER_RANK = re.compile(r"(^|/)(rank-\d{5}\.|[a-z0-9]*_?zero_pp_rank_\d+_)")
+
+
+def rank_files(record0: dict, record: dict) -> dict[str, str]:
+    """What one rank needs to resume with the same world size (pure): every file its own
+    completion record lists, plus rank 0's files that are not per-rank (meta.json, DeepSpeed's
+    mp_rank_00 model states), minus hf_config/ (export only). Path -> sha256."""
+    shared = {rel: d for rel, d in record0["files"].items() if not _PER_RANK.search(rel)}
+    return {rel: d for rel, d in {**shared, **record["files"]}.items()
+            if not rel.startswith(f"{HF_CONFIG}/")}  # fmt: skip
+
+
+def fetch_rank_part(
+    uri: str, local: str, *, rank: int, world_size: int,
+    options: storage.StorageOptions | None = None,
+) -> None:  # fmt: skip
+    """Download and verify this rank's part of the checkpoint at `uri` into `local`: its own
+    and rank 0's completion records, then the files `rank_files` names, each checked against
+    its sha256. GETs: 2 records + meta.json + the rank's files (state, ZeRO partition, shared
+    model states) whatever the world size. A checkpoint written by another world size is
+    fetched whole (the new ranks split the old ranks' states, and all of them are needed).
+    Raises CheckpointError naming the file at fault."""
+
+    def record(r: int) -> dict:
+        name = f"rank-{r:05d}.complete.json"
+        try:
+            text = storage.read_text(storage.join(uri, name), options)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: rank {r} never finished writing (no {name})") from None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise CheckpointError(f"{uri}: {name} is unreadable ({exc})") from None
+
+    record0 = record(0)
+    if record0.get("world_size") != world_size:
+        storage.download_dir(uri, local, options)
+        verify(local, where=uri)
+        return
+    mine = rank_files(record0, record(rank) if rank else record0)
+    for rel, _digest in mine.items():
+        dst = os.path.join(local, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            storage.download_file(storage.join(uri, rel), dst, options)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: {rel} (rank {rank}) is missing") from None
+    check_files(local, mine, where=uri, rank=rank)
+    if not os.path.isfile(os.path.join(local, "meta.json")):
+        raise CheckpointError(f"{uri}: meta.json missing (incomplete checkpoint)")
+
+
 def agree_on_checkpoint(
     run_uri: str,
     latest: str,
     local_root: str,
     *,
     rank: int,
+    world_size: int | None = None,
     options: storage.StorageOptions | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[str, str, list[str]]:
-    """Every rank calls this; returns (checkpoint name, verified local copy, names in the run
-    directory), the same name on every rank. Rank 0 alone lists storage and decides, then
-    broadcasts: ranks could see different listings while a deletion is under way, and loading
-    different checkpoints would silently mix states. Raises CheckpointError on every rank when
-    no candidate is complete, so a run never starts fresh by accident. The returned copy is
-    verified on every rank, so `load` need not hash it again."""
+    """Every rank calls this; returns (checkpoint name, verified local copy of this rank's part,
+    names in the run directory), the same name on every rank. Rank 0 alone lists storage and
+    orders the candidates, then broadcasts: ranks could see different listings while a deletion
+    is under way. Each rank fetches its own part of a candidate (`fetch_rank_part`); one
+    all-gather of the ranks' verdicts decides, so a candidate is taken only when every rank's
+    part is complete, and loading different checkpoints can never mix states. Raises
+    CheckpointError on every rank when no candidate is complete, so a run never starts fresh by
+    accident. The returned copy is verified, so `load` need not hash it again."""
     import torch.distributed as dist
 
-    decision: list[Any] = [None, None, []]  # [name, error message, listing]
-    local = None
+    distributed = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if distributed else 1
+    warn = warn or log.warning
+    decision: list[Any] = [[], []]  # [candidates, listing]
     if rank == 0:
-        decision[2] = storage.list_names(run_uri, options)
-        candidates = resume_candidates(decision[2], latest)
-        found = fetch_first_complete(run_uri, candidates, local_root, options, warn)
-        if found:
-            decision[0], local = found
-        else:
-            decision[1] = (
-                f"{run_uri}: no complete checkpoint to resume from (tried {', '.join(candidates)}); "
-                "refusing to start fresh: fix or remove the run directory (launch.py train --fresh)"
-            )
-    if dist.is_available() and dist.is_initialized():
+        decision[1] = storage.list_names(run_uri, options)
+        decision[0] = resume_candidates(decision[1], latest)
+    if distributed:
         dist.broadcast_object_list(decision, src=0)
-    name, error, listing = decision
-    if error:
-        raise CheckpointError(error)
-    if local is None:  # rank 0 verified its own copy while choosing; check ours once too
+    candidates, listing = decision
+    for i, name in enumerate(candidates):
         uri = storage.join(run_uri, name)
         local = os.path.join(local_root, name)
-        storage.download_dir(uri, local, options)
-        verify(local, where=uri)
-    return name, local, listing
+        error = None
+        try:
+            fetch_rank_part(uri, local, rank=rank, world_size=world_size, options=options)
+        except (CheckpointError, FileNotFoundError) as exc:
+            error = str(exc)
+        verdicts = [error]
+        if distributed:
+            verdicts = [None] * world_size
+            dist.all_gather_object(verdicts, error)
+        problems = [v for v in verdicts if v]
+        if not problems:
+            return name, local, listing
+        shutil.rmtree(local, ignore_errors=True)
+        if rank == 0:
+            then = (
+                f"trying {candidates[i + 1]}"
+                if i + 1 < len(candidates)
+                else "no older checkpoint left"
+            )
+            warn(f"not resuming from {name}: {problems[0]}; {then}")
+    raise CheckpointError(
+        f"{run_uri}: no complete checkpoint to resume from (tried {', '.join(candidates)}); "
+        "refusing to start fresh: fix or remove the run directory (launch.py train --fresh)"
+    )
 
 
 def load(

@@ -1,8 +1,9 @@
 """Checkpoint save/load under every ZeRO stage, without Ray: two processes on gloo, the real
 DeepSpeed config builder and training.checkpoint. For stages 0-3: train k steps, save, train
 N more recording losses; then a fresh engine (other init, other RNG) loads the checkpoint and
-its next N losses must be identical. Under ZeRO-3 the consolidated model in the checkpoint
-must equal the gathered parameters and load with plain transformers."""
+its next N losses must be identical. Each rank fetches only its own part of the checkpoint.
+Under ZeRO-3 the model consolidated from the checkpoint's partitions (training/export.py) must
+equal the gathered parameters and load with plain transformers."""
 
 from __future__ import annotations
 
@@ -61,15 +62,18 @@ def _steps(engine, rank: int, steps: range, vocab: int) -> list[float]:
 
 
 def _check_zero3_export(engine, ckpt_dir: str, rank: int) -> dict:
-    """Every rank gathers (a collective); rank 0 compares with the saved consolidated model."""
+    """Every rank gathers (a collective); rank 0 consolidates the whole checkpoint (every
+    rank's partition) and compares."""
     import deepspeed
+    from shardtune.training.export import consolidate
     from transformers import AutoModelForTokenClassification
 
     params = dict(engine.module.named_parameters())
     out = {}
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         if rank == 0:
-            hf = AutoModelForTokenClassification.from_pretrained(os.path.join(ckpt_dir, "hf_model"))
+            consolidate(ckpt_dir, ckpt_dir + "-export")
+            hf = AutoModelForTokenClassification.from_pretrained(ckpt_dir + "-export")
             exported = dict(hf.named_parameters())
             out["names_equal"] = sorted(exported) == sorted(params)
             out["empty"] = [n for n, p in exported.items() if p.numel() == 0]
@@ -125,9 +129,14 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str, stages: list[int
             run_uri, "checkpoint-00000003", os.path.join(root, f"dl{rank}"), rank=rank
         )
         loaded = ckpt.load(fresh, local, rank=rank, world_size=WORLD)
-        result.update(chosen=name, loaded_state=loaded.__dict__)
+        other = 1 - rank
+        result.update(chosen=name, loaded_state=loaded.__dict__, fetched_of_other_rank=[
+            f for f in ckpt._walk(local)
+            if f"zero_pp_rank_{other}_" in f or f"rank-{other:05d}." in f or "hf_config" in f
+        ])  # fmt: skip
         if stage == 3:  # the loaded engine holds the saved weights, partitioned
-            result["export"] = _check_zero3_export(fresh, local, rank)
+            merged = os.path.join(run_uri, "checkpoint-00000003")
+            result["export"] = _check_zero3_export(fresh, merged, rank)
         result["resumed"] = _steps(fresh, rank, range(K_STEPS, K_STEPS + N_STEPS), vocab)
         del fresh
         with open(os.path.join(out_dir, f"result-{stage}-{rank}.json"), "w") as f:
@@ -153,6 +162,7 @@ def test_save_load_equal_losses_every_zero_stage(tiny_model_dir, tmp_path):
             assert r["chosen"] == "checkpoint-00000003"
             state = {k: r["loaded_state"][k] for k in ("epoch", "position", "step", "micro_step")}
             assert state == {"epoch": 0, "position": 12, "step": 3, "micro_step": 3}
+            assert r["fetched_of_other_rank"] == []  # O(1) objects per rank, not O(ranks)
             # identical, not close: same data, restored weights/optimizer/scheduler/RNG on CPU
             assert r["resumed"] == r["continued"], f"ZeRO-{stage} rank {rank}"
     export = json.loads((tmp_path / "result-3-0.json").read_text())["export"]

@@ -219,3 +219,67 @@ def test_export_prefers_the_retake_over_the_corrupt_checkpoint_it_replaced():
     assert [n for n, _ in rank_checkpoints(cands, has_eval=False)] == [
         "checkpoint-00000022-1", "checkpoint-00000022", "checkpoint-00000020",
     ]  # fmt: skip
+
+
+def ds_like_checkpoint(root, name: str, world_size: int) -> str:
+    """DeepSpeed's file names (ZeRO-2): rank 0's shared model states, one partition per rank."""
+    d = os.path.join(root, name)
+    for rank in range(world_size):
+        files = {
+            f"ds/ds/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": os.urandom(64),
+            f"ds/ds/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": os.urandom(16),
+            f"rank-{rank:05d}.state.pt": os.urandom(32),
+        }
+        if rank == 0:
+            files["ds/ds/mp_rank_00_model_states.pt"] = os.urandom(128)
+            files["meta.json"] = json.dumps({"world_size": world_size, "step": 4}).encode()
+            files["hf_config/config.json"] = b"{}"
+        for rel, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+            with open(os.path.join(d, rel), "wb") as f:
+                f.write(data)
+        listed = {rel: sha256_hex(data) for rel, data in files.items()}
+        with open(os.path.join(d, f"rank-{rank:05d}.complete.json"), "w") as f:
+            json.dump({"rank": rank, "world_size": world_size, "files": listed}, f)
+    return d
+
+
+def test_a_rank_fetches_only_its_own_part(tmp_path):
+    from shardtune.training.checkpoint import fetch_rank_part
+
+    src = ds_like_checkpoint(tmp_path / "run", "checkpoint-00000004", world_size=16)
+    local = tmp_path / "rank5"
+    fetch_rank_part(src, str(local), rank=5, world_size=16)
+    got = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert got == [
+        "ds/ds/bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt",
+        "ds/ds/mp_rank_00_model_states.pt",
+        "ds/ds/zero_pp_rank_5_mp_rank_00_optim_states.pt",
+        "meta.json",
+        "rank-00005.state.pt",
+    ]
+    os.remove(os.path.join(src, "ds/ds/zero_pp_rank_7_mp_rank_00_optim_states.pt"))
+    fetch_rank_part(src, str(tmp_path / "again"), rank=5, world_size=16)  # not rank 5's problem
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_7_.* \(rank 7\) is missing"):
+        fetch_rank_part(src, str(tmp_path / "r7"), rank=7, world_size=16)
+    # another world size: the new ranks split every old rank's state, so all of it is fetched
+    fetch_rank_part(
+        ds_like_checkpoint(tmp_path / "run", "checkpoint-00000008", 4), str(tmp_path / "w"),
+        rank=1, world_size=2,
+    )  # fmt: skip
+    assert (tmp_path / "w" / "rank-00003.state.pt").exists()
+
+
+def test_agree_on_checkpoint_single_process_falls_back(tmp_path):
+    from shardtune.training.checkpoint import agree_on_checkpoint
+
+    run = tmp_path / "run"
+    ds_like_checkpoint(run, "checkpoint-00000004", world_size=1)
+    bad = ds_like_checkpoint(run, "checkpoint-00000008", world_size=1)
+    os.remove(os.path.join(bad, "rank-00000.state.pt"))
+    said: list[str] = []
+    name, local, listing = agree_on_checkpoint(
+        str(run), "checkpoint-00000008", str(tmp_path / "l"), rank=0, warn=said.append
+    )
+    assert name == "checkpoint-00000004" and "rank-00000.state.pt (rank 0) is missing" in said[0]
+    assert listing == ["checkpoint-00000004", "checkpoint-00000008"]
