@@ -91,10 +91,9 @@ class Tracker:
 
         w = self.section.wandb
         run_id = self.state.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
-        os.makedirs(os.path.join(self.local, WANDB_DIR), exist_ok=True)
-        return wandb.init(
+        return wandb.init(  # into {dir}/wandb/, which close() copies to {run}/wandb/
             project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",
-            name=run_name, dir=os.path.join(self.local, WANDB_DIR), config=self.hparams,
+            name=run_name, dir=self.local, config=self.hparams,
             settings=wandb.Settings(silent=True),
         )  # fmt: skip
 
