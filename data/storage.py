@@ -291,8 +291,9 @@ def node_cached_dir(uri: str, options: StorageOptions | None = None) -> str:
     found = with_retries(f"list {uri}", lambda: fs.find(path, detail=True), options)
     if not found:
         raise FileNotFoundError(f"nothing at {uri}")
-    root = path.rstrip("/")
-    listing = sorted((posixpath.relpath(str(p), root), _content_id(e)) for p, e in found.items())
+    root = path.strip("/")  # some filesystems (memory://) list with a leading "/"
+    listing = sorted((str(p).strip("/")[len(root) :].lstrip("/"), _content_id(e))
+                     for p, e in found.items())  # fmt: skip
     key = hashlib.sha256(f"{uri}\0{listing}".encode()).hexdigest()[:32]
     dst = os.path.join(cache_root(), key)
     if os.path.isdir(dst):
@@ -304,7 +305,7 @@ def node_cached_dir(uri: str, options: StorageOptions | None = None) -> str:
             for rel, _ in listing:
                 local = os.path.join(tmp, *rel.split("/"))
                 os.makedirs(os.path.dirname(local), exist_ok=True)
-                remote = posixpath.join(root, rel)
+                remote = posixpath.join(path.rstrip("/"), rel)
                 with_retries(f"download {rel} from {uri}",
                              lambda r=remote, d=local: fs.get_file(r, d), options)  # fmt: skip
             os.replace(tmp, dst)
