@@ -32,7 +32,7 @@ from shardtune.data.batching import group_batches, group_starts, micro_batches_p
 from shardtune.data.collate import collate
 from shardtune.data.ledger import LedgerWriter, next_attempt
 from shardtune.data.logs import setup_logging
-from shardtune.data.manifest import Manifest, read_manifest
+from shardtune.data.manifest import Manifest, read_manifest_compact
 from shardtune.data.shard_plan import (
     EpochPlan,
     eval_segment,
@@ -170,7 +170,7 @@ def setup(cfg: WorkerConfig) -> Worker:
     tc = cfg.train
     seed_everything(tc.seed)
     spec = get_task(cfg.task)
-    manifest = read_manifest(cfg.data.train, cfg.storage)
+    manifest = read_manifest_compact(cfg.data.train, cfg.storage)  # once per node
     labels = manifest.labels
     segment_len = len(train_segment(manifest.num_examples, world, rank))
     micro_per_epoch = micro_batches_per_epoch(segment_len, tc.batch_size)
@@ -280,8 +280,8 @@ def _read_eval_rows(w: Worker) -> None:
     """This rank's disjoint part of the eval set, read once, in length order (fewer pads)."""
     if not w.cfg.data.eval:
         return
-    manifest = read_manifest(w.cfg.data.eval, w.cfg.storage)
-    plan = EpochPlan(tuple(s.num_examples for s in manifest.shards), seed=0, epoch=0, shuffle=False)
+    manifest = read_manifest_compact(w.cfg.data.eval, w.cfg.storage)
+    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=0, shuffle=False)
     stream = ShardStream(
         w.cfg.data.eval, manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
     )
@@ -351,7 +351,7 @@ def epoch_batches(w: Worker) -> Iterator[MicroBatch]:
     tc, st = w.cfg.train, w.state
     total = w.manifest.num_examples
     ranges = st.ranges or segment_ranges(train_segment(total, w.world, w.rank), total)
-    plan = EpochPlan(tuple(s.num_examples for s in w.manifest.shards), seed=tc.seed, epoch=st.epoch)
+    plan = EpochPlan(w.manifest.shard_sizes(), seed=tc.seed, epoch=st.epoch)
     w.stream = ShardStream(
         w.cfg.data.train, w.manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
     )
