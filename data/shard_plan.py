@@ -192,6 +192,24 @@ def _complement(taken: list[tuple[int, int]], total: int) -> list[tuple[int, int
     return out
 
 
+def _subtract(have: list[tuple[int, int]], drop: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ranges `have` minus sorted, disjoint ranges `drop`."""
+    out, k = [], 0
+    for start, stop in have:
+        cursor = start
+        while k < len(drop) and drop[k][1] <= cursor:
+            k += 1
+        j = k
+        while j < len(drop) and drop[j][0] < stop:
+            if drop[j][0] > cursor:
+                out.append((cursor, drop[j][0]))
+            cursor = max(cursor, drop[j][1])
+            j += 1
+        if cursor < stop:
+            out.append((cursor, stop))
+    return out
+
+
 def _slice(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
     """Positions lo..hi-1 of the concatenation of `ranges` (lo < hi <= its length)."""
     out, base = [], 0
@@ -221,17 +239,20 @@ def reshard_rest_of_epoch(
     """Split what the old ranks had not consumed yet among `world_size` new ranks.
 
     `consumed` holds, per old rank, (the ranges it was reading this epoch, how many of their
-    positions it had consumed). The positions of [0, total) that no old rank consumed, in stream
-    order, are cut into `world_size` contiguous pieces of equal length ceil(rest / world_size);
-    the last pieces wrap around to the start of that rest, like `train_segment` does. So every
-    example of the epoch is seen exactly once, plus the counted padding of the old and new plans.
+    positions it had consumed). The positions the old ranks were to read (all of [0, total) in
+    a normal epoch; only what an earlier resplit handed out when this epoch was already resplit
+    once) that none of them consumed, in stream order, are cut into `world_size` contiguous
+    pieces of equal length ceil(rest / world_size); the last pieces wrap around to the start of
+    that rest, like `train_segment` does. So every example of the epoch is seen exactly once,
+    plus the counted padding of the old and new plans, however often the epoch is resplit.
     """
     if total <= 0:
         raise ValueError("cannot plan an empty dataset")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     taken = [r for ranges, position in consumed for r in _take(ranges, position)]
-    rest = _complement(taken, total)
+    assigned = _complement(_complement([r for ranges, _ in consumed for r in ranges], total), total)
+    rest = _subtract(assigned, _complement(_complement(taken, total), total))
     n = ranges_len(tuple(rest))
     if n == 0:
         return [Share((), 0) for _ in range(world_size)]

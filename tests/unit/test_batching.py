@@ -141,3 +141,29 @@ def test_resplit_mid_group_sees_every_example_once(dataset, tokenizer, old_world
     assert set(seen) == set(range(total))
     # every example once; the only repeats are the counted wrap-around padding of either plan
     assert sum(seen.values()) - total <= padding
+
+
+def test_an_epoch_resplit_twice_still_sees_every_example_once(dataset, tokenizer):
+    """2 workers -> 1 (a node lost) -> 2 (capacity back), each time mid-group: the second
+    resplit must hand out only what the first one assigned and nobody consumed since."""
+    total, seen, padding = 61, Counter(), 0
+    states = []
+    for r in range(2):
+        w = worker(dataset, tokenizer, rank=r, world=2)
+        seen.update(i for b in run(w, limit=2) for i in b)
+        states.append(ckpt.TrainState(**dataclasses.asdict(w.state)))
+    padding += len(train_segment(total, 2, 0)) * 2 - total
+    (share,) = ckpt.rest_of_epoch(states, total, 1)
+    padding += share.padding
+    alone = worker(dataset, tokenizer, state=ckpt.TrainState(ranges=share.ranges))
+    seen.update(i for b in run(alone, limit=4) for i in b)
+    shares = ckpt.rest_of_epoch([ckpt.TrainState(**dataclasses.asdict(alone.state))], total, 2)
+    for r, share in enumerate(shares):
+        padding += share.padding
+        state = ckpt.TrainState(ranges=share.ranges)
+        seen.update(
+            i for b in run(worker(dataset, tokenizer, rank=r, world=2, state=state)) for i in b
+        )
+    assert set(seen) == set(range(total))
+    assert sum(seen.values()) - total <= padding
+    assert max(seen.values()) <= 2
