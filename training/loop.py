@@ -189,7 +189,8 @@ def setup(cfg: WorkerConfig) -> Worker:
     if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
         attempt = int(_all_reduce([next_attempt(cfg.run_uri, cfg.storage) if rank == 0 else 0], w.device, "max")[0])  # fmt: skip
         w.ledger = LedgerWriter(cfg.run_uri, rank=rank, attempt=attempt, world_size=world, options=cfg.storage,
-                                resumed_step=w.state.step if resumed else None)  # fmt: skip
+                                resumed_step=w.state.step if resumed else None,
+                                data_uri=cfg.data.train, grad_accum=tc.grad_accum)  # fmt: skip
     _read_eval_rows(w)
     if rank == 0:
         w.tracker = Tracker(
@@ -361,6 +362,8 @@ def epoch_batches(w: Worker) -> Iterator[MicroBatch]:
         w.cfg.data.train, w.manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
     )
     rows_from = w.stream.iter_ranges(ranges, st.position)
+    if w.ledger:  # micro-batches are recorded as offsets into this list (data/ledger.py)
+        w.ledger.positions(epoch=st.epoch, plan=plan, ranges=ranges)
     size = tc.batch_size * tc.length_grouping
     for start in group_starts(ranges_len(ranges), tc.batch_size, tc.length_grouping, st.position):
         t0 = time.perf_counter()
@@ -396,9 +399,9 @@ def train_step(w: Worker, batch: MicroBatch) -> bool:
                 torch.cuda.synchronize()  # attribute GPU time to the phase that queued it
             marks.append(time.perf_counter())
 
-    if w.ledger:
-        ids = [int(row["id"]) for row in batch.rows]
-        w.ledger.record(epoch=st.epoch, step=st.step + 1, micro_step=st.micro_step + 1, ids=ids)
+    if w.ledger:  # positions, not ids: the ids follow from the plan and the manifest
+        w.ledger.record(epoch=st.epoch, step=st.step + 1, micro_step=st.micro_step + 1,
+                        offsets=batch.offsets)  # fmt: skip
     tensors = collate(batch.items, w.pad_id)
     n_tokens = tensors.pop("num_tokens")
     tensors = {k: v.to(w.device, non_blocking=True) for k, v in tensors.items()}

@@ -1,17 +1,56 @@
-"""The ledger: flushes are cheap appends, and the committed view drops a failed attempt's work
-past the checkpoint the next attempt resumed from."""
+"""The ledger: flushes are cheap appends of stream positions, ids resolve from the plan and the
+manifest, consecutive micro-batches share a line, and the committed view drops a failed
+attempt's work past the checkpoint the next attempt resumed from, streaming."""
 
-from shardtune.data.ledger import LedgerWriter, next_attempt, read_committed
+import json
+import tracemalloc
+
+from shardtune.data import prepare as prep
+from shardtune.data.ledger import LedgerWriter, iter_committed, next_attempt, read_committed
+from shardtune.data.manifest import read_all_rows, read_manifest
+from shardtune.data.shard_plan import EpochPlan, segment_ranges, segment_rows, train_segment
 
 
-def _attempt(run, attempt, world, resumed, steps):
+def _dataset(tmp_path, n=40, shards=3) -> str:
+    src = tmp_path / "corpus.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"text": f"sentence {i}", "label": "ab"[i % 2]}) + "\n" for i in range(n)
+        )
+    )
+    out = str(tmp_path / "data")
+    prep.prepare("classify", [str(src)], out, shards=shards)
+    return out
+
+
+def _expected_ids(data, world, rank, epoch, lo, hi) -> list[int]:
+    manifest, rows = read_all_rows(data)
+    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=epoch)
+    ids_of = {}
+    for shard, info in enumerate(manifest.shards):
+        from shardtune.data.manifest import read_shard_rows
+
+        ids_of[shard] = [r["id"] for r in read_shard_rows(data, info)]
+    seg = train_segment(manifest.num_examples, world, rank)
+    return [ids_of[s][r] for s, r in segment_rows(plan, seg)[lo:hi]]
+
+
+def _attempt(run, data, attempt, world, resumed, steps, batch=2):
+    manifest = read_manifest(data)
+    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=0)
     writers = [
-        LedgerWriter(run, rank=r, attempt=attempt, world_size=world, resumed_step=resumed)
+        LedgerWriter(
+            run, rank=r, attempt=attempt, world_size=world, resumed_step=resumed, data_uri=data
+        )  # fmt: skip
         for r in range(world)
     ]
+    for r, w in enumerate(writers):
+        seg = train_segment(manifest.num_examples, world, r)
+        w.positions(epoch=0, plan=plan, ranges=segment_ranges(seg, manifest.num_examples))
     for step in steps:
-        for r, w in enumerate(writers):
-            w.record(epoch=0, step=step, micro_step=step, ids=[100 * r + step])
+        for w in writers:
+            offsets = range((step - 1) * batch, step * batch)
+            w.record(epoch=0, step=step, micro_step=step, offsets=offsets)
             if step % 2 == 0:
                 w.flush()
     for w in writers:
@@ -19,16 +58,21 @@ def _attempt(run, attempt, world, resumed, steps):
 
 
 def test_committed_ledger_drops_work_after_the_resumed_checkpoint(tmp_path):
-    run = str(tmp_path / "run")
+    data, run = _dataset(tmp_path), str(tmp_path / "run")
     assert next_attempt(run) == 1
-    _attempt(run, 1, 2, None, range(1, 8))  # failed after step 7; its checkpoint was step 4
+    _attempt(run, data, 1, 2, None, range(1, 8))  # failed after step 7; its checkpoint was step 4
     assert next_attempt(run) == 2
-    _attempt(run, 2, 1, 4, range(5, 10))  # resumed from step 4 with one worker
+    _attempt(run, data, 2, 1, 4, range(5, 10))  # resumed from step 4 with one worker
     committed = read_committed(run)
     assert [(e["step"], e["rank"], e["attempt"]) for e in committed] == [
-        (s, r, 1) for s in range(1, 5) for r in range(2)
+        (s, r, 1) for r in range(2) for s in range(1, 5)
     ] + [(s, 0, 2) for s in range(5, 10)]
-    assert committed[-1]["ids"] == [9] and committed[-1]["world_size"] == 1
+    last = list(committed)[-1]  # a second pass streams again
+    assert last["world_size"] == 1
+    assert last["ids"] == _expected_ids(data, 1, 0, 0, 16, 18)
+    for e in committed:
+        lo = (e["micro_step"] - 1) * 2
+        assert e["ids"] == _expected_ids(data, e["world_size"], e["rank"], 0, lo, lo + 2)
     parts = sorted(p.name for p in (tmp_path / "run" / "ledger" / "attempt-00001").iterdir())
     assert parts[:3] == [
         "rank-00000.00001.jsonl",
@@ -38,7 +82,60 @@ def test_committed_ledger_drops_work_after_the_resumed_checkpoint(tmp_path):
 
 
 def test_a_fresh_restart_discards_everything_before(tmp_path):
-    run = str(tmp_path / "run")
-    _attempt(run, 1, 1, None, range(1, 4))  # failed before any checkpoint
-    _attempt(run, 2, 1, None, range(1, 3))
+    data, run = _dataset(tmp_path), str(tmp_path / "run")
+    _attempt(run, data, 1, 1, None, range(1, 4))  # failed before any checkpoint
+    _attempt(run, data, 2, 1, None, range(1, 3))
     assert [(e["step"], e["attempt"]) for e in read_committed(run)] == [(1, 2), (2, 2)]
+
+
+def test_consecutive_batches_share_one_line_and_scattered_ones_keep_their_offsets(tmp_path):
+    data, run = _dataset(tmp_path, n=40), str(tmp_path / "run")
+    manifest = read_manifest(data)
+    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=0)
+    w = LedgerWriter(run, rank=0, attempt=1, world_size=1, resumed_step=None, data_uri=data,
+                     grad_accum=2)  # fmt: skip
+    w.positions(epoch=0, plan=plan, ranges=((0, 40),))
+    for m in range(1, 11):  # 10 micro-batches of 4 in stream order (batch order inside shuffled)
+        w.record(epoch=0, step=(m + 1) // 2, micro_step=m, offsets=[4 * m - 1, 4 * m - 4, 4 * m - 3, 4 * m - 2])  # fmt: skip
+    w.flush()
+    w.positions(epoch=1, plan=EpochPlan(manifest.shard_sizes(), seed=0, epoch=1),
+                ranges=((0, 40),))  # fmt: skip
+    w.record(epoch=1, step=6, micro_step=11, offsets=[7, 2, 30])  # a length-grouped batch
+    w.flush()
+    part1 = (tmp_path / "run/ledger/attempt-00001/rank-00000.00001.jsonl").read_text()
+    assert len(part1.splitlines()) == 2  # the position list and one line for 10 micro-batches
+    entries = list(read_committed(run))
+    assert [(e["micro_step"], e["step"]) for e in entries] == [
+        (m, (m + 1) // 2) for m in range(1, 12)
+    ]
+    order = [i for e in entries[:10] for i in e["ids"]]
+    assert sorted(order) == list(range(40))  # an epoch: every example once
+    want = _expected_ids(data, 1, 0, 0, 0, 40)
+    assert order == want
+    epoch1 = EpochPlan(manifest.shard_sizes(), seed=0, epoch=1)
+    from shardtune.data.manifest import read_shard_rows
+
+    ids_of = {s: [r["id"] for r in read_shard_rows(data, info)]
+              for s, info in enumerate(manifest.shards)}  # fmt: skip
+    rows = segment_rows(epoch1, train_segment(40, 1, 0))
+    assert entries[10]["ids"] == [ids_of[s][r] for s, r in (rows[2], rows[7], rows[30])]
+
+
+def test_reading_streams_with_bounded_memory(tmp_path):
+    """50k length-grouped micro-batches: a pass holds one entry at a time, not the ledger."""
+    data, run = _dataset(tmp_path, n=40), str(tmp_path / "run")
+    manifest = read_manifest(data)
+    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=0)
+    w = LedgerWriter(run, rank=0, attempt=1, world_size=1, resumed_step=None, data_uri=data)
+    w.positions(epoch=0, plan=plan, ranges=((0, 40),))
+    n = 50_000
+    for m in range(1, n + 1):
+        w.record(epoch=0, step=m, micro_step=m, offsets=[(3 * m) % 40, (3 * m + 7) % 40])
+        if m % 5000 == 0:
+            w.flush()
+    tracemalloc.start()
+    count = sum(1 for _ in iter_committed(run))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == n
+    assert peak < 8e6, f"peak {peak / 1e6:.1f} MB while streaming {n} entries"
