@@ -20,7 +20,8 @@ ARG TORCH_VERSION=2.13.0
 WORKDIR /home/ray/shardtune
 COPY --chown=ray:users constraints.txt /home/ray/constraints.txt
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-# The repo root is the package (pyproject.toml maps it to `shardtune`).
+# The repo root is the package (pyproject.toml maps it to `shardtune`); [serve] so the same
+# image runs k8s/rayservice.yaml.
 COPY --chown=ray:users . /home/ray/shardtune
-RUN pip install --no-cache-dir -c /home/ray/constraints.txt /home/ray/shardtune
+RUN pip install --no-cache-dir -c /home/ray/constraints.txt "/home/ray/shardtune[serve]"
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -3,8 +3,9 @@
 
 Custom resources (RayCluster, RayJob, RayService) are checked against the openAPIV3Schema of the
 vendored KubeRay CRDs in `k8s/crds/`; core kinds (ConfigMap, Secret, ServiceAccount, ...) against
-kubernetes-validate's bundled "-strict" schemas. Unknown fields are errors everywhere. Nothing
-needs a cluster or the network.
+kubernetes-validate's bundled "-strict" schemas; the Prometheus Operator's PodMonitor against a
+structural schema of the fields this project uses (STRUCTURAL_SCHEMAS). Unknown fields are
+errors everywhere. Nothing needs a cluster or the network.
 
     python k8s/validate.py k8s/*.yaml      # exit 0 valid, 1 problems, 2 unreadable input
 
@@ -333,6 +334,56 @@ def _schema_problems(
     return sorted(set(found))
 
 
+# ------------------------------------------------------- kinds without a vendored CRD (structure)
+def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}  # fmt: skip
+
+
+_STR, _INT, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+_STR_LIST = {"type": "array", "items": _STR}
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"}  # Prometheus'
+_LABEL_SELECTOR = _closed({
+    "matchLabels": {"type": "object", "additionalProperties": _STR},
+    "matchExpressions": {"type": "array", "items": _closed(
+        {"key": _STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+         "values": _STR_LIST}, ("key", "operator"))},
+})  # fmt: skip
+_RELABEL = _closed({
+    "sourceLabels": _STR_LIST, "separator": _STR, "targetLabel": _STR, "regex": _STR,
+    "modulus": _INT, "replacement": _STR,
+    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod",
+                        "HashMod", "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep",
+                        "LabelKeep", "lowercase", "Lowercase", "uppercase", "Uppercase",
+                        "keepequal", "KeepEqual", "dropequal", "DropEqual"]},
+})  # fmt: skip
+# Prometheus Operator's monitoring.coreos.com/v1 PodMonitor, the fields of its API reference that
+# this project may use (the CRD itself is not vendored). Objects are closed, so a misspelt or
+# misplaced field is an error; a real field missing here is also one: add it after checking the
+# Prometheus Operator API reference.
+_PODMONITOR = _closed({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"},
+    "kind": {"const": "PodMonitor"},
+    "metadata": {"type": "object"},  # checked as ObjectMeta below
+    "spec": _closed({
+        "jobLabel": _STR, "podTargetLabels": _STR_LIST, "selector": _LABEL_SELECTOR,
+        "namespaceSelector": _closed({"any": _BOOL, "matchNames": _STR_LIST}),
+        "sampleLimit": _INT, "targetLimit": _INT, "labelLimit": _INT,
+        "labelNameLengthLimit": _INT, "labelValueLengthLimit": _INT, "scrapeClass": _STR,
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _closed({
+            "port": _STR, "portNumber": _INT, "path": _STR,
+            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+            "params": {"type": "object", "additionalProperties": _STR_LIST},
+            "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": _BOOL,
+            "honorTimestamps": _BOOL, "filterRunning": _BOOL, "enableHttp2": _BOOL,
+            "followRedirects": _BOOL, "relabelings": {"type": "array", "items": _RELABEL},
+            "metricRelabelings": {"type": "array", "items": _RELABEL},
+        })},
+    }, ("selector", "podMetricsEndpoints")),
+}, ("apiVersion", "kind", "metadata", "spec"))  # fmt: skip
+STRUCTURAL_SCHEMAS = {("monitoring.coreos.com", "v1", "PodMonitor"): _PODMONITOR}
+
+
 def check_document(doc: Any, crd_dir: Path = CRD_DIR) -> list[tuple[str, str]]:
     """Every problem of one manifest as (field path, message); empty if it is valid."""
     if not isinstance(doc, dict):
@@ -370,6 +421,12 @@ def check_document(doc: Any, crd_dir: Path = CRD_DIR) -> list[tuple[str, str]]:
         return problems
     if group in {g for g, _, _ in versions}:
         return [("apiVersion", f"no CRD in {crd_dir.name}/ defines {api_version} {kind}")]
+    if (group, version, kind) in STRUCTURAL_SCHEMAS:
+        validator = jsonschema.Draft202012Validator(STRUCTURAL_SCHEMAS[group, version, kind])
+        problems = _schema_problems(validator.iter_errors(doc))
+        if isinstance(meta := doc.get("metadata"), dict):
+            problems += _schema_problems(object_meta_validator().iter_errors(meta), "metadata")
+        return problems
     validator = core_validator(api_version, kind)
     if validator is None:
         return [("", f"no schema for {api_version} {kind}; cannot validate it")]

@@ -51,3 +51,28 @@ def test_this_environment_is_the_locked_one() -> None:
             wrong[name] = (pinned, got)
     assert not wrong, f"constraints.txt vs installed (pinned, installed): {wrong}"
     assert "torch" not in pins()  # the installer picks the CPU or the CUDA build
+
+
+def test_manifests_run_the_project_image_cpu_head_and_submitter_cuda_gpu_workers() -> None:
+    """The Dockerfile's image everywhere: its slim CPU variant on the CPU-only head, the submitter
+    and the serve pods, the CUDA variant only where GPUs are requested."""
+    ray_version = pins()["ray"]
+    for path in sorted((ROOT / "k8s").glob("ray*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = (doc or {}).get("spec", {})
+            cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+            if "headGroupSpec" not in cluster:
+                continue
+            pods = [cluster["headGroupSpec"]["template"]["spec"]]
+            pods += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+            if "submitterPodTemplate" in spec:
+                pods.append(spec["submitterPodTemplate"]["spec"])
+            for pod in pods:
+                for c in pod["containers"]:
+                    repo, tag = c["image"].rsplit(":", 1)
+                    gpu = "nvidia.com/gpu" in c["resources"].get("limits", {})
+                    assert repo.endswith("/shardtune"), (path.name, c["image"])
+                    assert tag == f"{ray_version}-{'cuda' if gpu else 'cpu'}", (
+                        path.name,
+                        c["image"],
+                    )

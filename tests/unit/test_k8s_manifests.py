@@ -74,7 +74,7 @@ def test_vendored_crds_match_their_source_note() -> None:
 def test_k8s_holds_the_manifests() -> None:
     names = {p.name for p in MANIFESTS}
     assert {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "secret-s3.yaml",
-            "serviceaccount.yaml"} <= names  # fmt: skip
+            "secret-ray-token.yaml", "serviceaccount.yaml", "podmonitor.yaml"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -239,7 +239,7 @@ def test_openapi_extensions(tmp_path: Path) -> None:
 def test_rayjob_runs_the_job_file_from_its_configmap(tmp_path: Path) -> None:
     job, config_map = the("rayjob.yaml", "RayJob"), the("rayjob.yaml", "ConfigMap")
     entry = job["spec"]["entrypoint"].split()
-    assert entry[:3] == ["python", "launch.py", "train"]
+    assert entry[:4] == ["python", "-m", "shardtune", "train"]  # the image's installed package
     config_path = Path(entry[entry.index("--config") + 1])
 
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -258,10 +258,26 @@ def test_rayjob_runs_the_job_file_from_its_configmap(tmp_path: Path) -> None:
     assert shipped.cluster.address == "auto"
 
 
-def test_rayjob_cleans_up_after_itself() -> None:
+def test_rayjob_frees_the_gpus_at_once_and_keeps_the_head_of_a_failed_job() -> None:
     spec = the("rayjob.yaml", "RayJob")["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] >= 0 and spec["backoffLimit"] >= 0
+    # KubeRay rejects deletionRules next to shutdownAfterJobFinishes or a global TTL.
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    rules = {}
+    for rule in spec["deletionStrategy"]["deletionRules"]:
+        condition = dict(rule["condition"])
+        ttl = condition.pop("ttlSeconds", 0)
+        rules.setdefault(next(iter(condition.values())), {})[rule["policy"]] = ttl
+    for outcome in ("SUCCEEDED", "FAILED", "Failed"):  # Failed: the deployment (never ran)
+        assert rules[outcome]["DeleteWorkers"] == 0, outcome
+        assert rules[outcome]["DeleteCluster"] > 0, outcome  # the head outlives the workers
+    assert rules["FAILED"]["DeleteCluster"] >= 3600  # time to read a failed job's logs
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    assert spec["backoffLimit"] >= 0
+
+
+def test_rayjob_shows_how_to_gang_schedule_with_kueue() -> None:
+    text = (K8S / "rayjob.yaml").read_text()
+    assert re.search(r"^\s*# kueue\.x-k8s\.io/queue-name: \S+$", text, re.M)
 
 
 @each_ray_manifest
@@ -370,13 +386,9 @@ def test_runtime_env_excludes_keep_the_code_and_drop_the_heavy_dirs() -> None:
 def test_rayjob_runtime_env_matches_the_submit_runtime_env() -> None:
     env = yaml.safe_load(the("rayjob.yaml", "RayJob")["spec"]["runtimeEnvYAML"])
     check_runtime_env(env)
-    submit = yaml.safe_load(RUNTIME_ENV.read_text())
-    assert (env["pip"], env["env_vars"], env["config"]) == (
-        submit["pip"],
-        submit["env_vars"],
-        submit["config"],
-    )
-    assert env["working_dir"].startswith("s3://") and env["working_dir"].endswith(".zip")
+    assert env["env_vars"] == yaml.safe_load(RUNTIME_ENV.read_text())["env_vars"]
+    # The image holds the code and the locked dependencies; pip/working_dir are the quick path.
+    assert not {"pip", "working_dir", "py_modules"} & set(env)
 
 
 # ------------------------------------------------------------------------------- RayService
@@ -402,11 +414,10 @@ def test_rayservice_serve_config_is_valid_for_ray_serve() -> None:
     check_runtime_env(app.runtime_env)
 
 
-def test_rayservice_pip_is_a_subset_of_pyproject() -> None:
-    tomllib = pytest.importorskip("tomllib")
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def test_rayservice_takes_code_and_dependencies_from_the_image() -> None:
     (app,) = serve_config()["applications"]
-    assert set(app["runtime_env"]["pip"]) <= set(deps)
+    assert not {"pip", "working_dir", "py_modules"} & set(app["runtime_env"])
+    assert "[serve]" in (ROOT / "Dockerfile").read_text()  # the image installs the serve extra
 
 
 def test_rayservice_health_and_scaling() -> None:
@@ -416,3 +427,84 @@ def test_rayservice_health_and_scaling() -> None:
     assert group["minReplicas"] < group["maxReplicas"]
     container = group["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+
+
+# ------------------------------------------------------------------------- token auth
+def test_ray_clusters_require_the_token_of_the_secret() -> None:
+    secret = the("secret-ray-token.yaml", "Secret")
+    assert set(secret["stringData"]) == {"auth_token"}  # the key KubeRay reads
+    assert secret["stringData"]["auth_token"].startswith("REPLACE_")  # never a real token
+    for name in ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]:
+        auth = cluster_spec(name)["authOptions"]
+        assert auth == {"mode": "token", "secretName": secret["metadata"]["name"]}, name
+
+
+def test_rayjob_submitter_sends_the_token() -> None:
+    (container,) = the("rayjob.yaml", "RayJob")["spec"]["submitterPodTemplate"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "shardtune-ray-token", "key": "auth_token"}
+
+
+# ------------------------------------------------------------------------- hardening
+def all_pods(name: str) -> Iterator[tuple[str, dict]]:
+    yield from pod_specs(cluster_spec(name))
+    if name == "rayjob.yaml":
+        yield "submitter", the(name, "RayJob")["spec"]["submitterPodTemplate"]["spec"]
+
+
+@each_ray_manifest
+def test_pods_run_unprivileged(name: str) -> None:
+    for role, pod in all_pods(name):
+        assert pod["securityContext"]["runAsNonRoot"] is True, (name, role)
+        assert pod["securityContext"]["runAsUser"] == 1000, (name, role)  # the image's `ray`
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (name, role)
+            assert sc["capabilities"]["drop"] == ["ALL"], (name, role)
+            assert not sc.get("privileged"), (name, role)
+
+
+@each_ray_manifest
+def test_scratch_space_is_an_emptydir_within_an_ephemeral_storage_budget(name: str) -> None:
+    for role, pod in all_pods(name):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (c,) = pod["containers"]
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+        scratch = ["/tmp"] if role == "submitter" else ["/tmp", "/tmp/ray"]  # Ray's temp dir
+        for path in scratch:
+            assert mounts[path]["emptyDir"]["sizeLimit"], (name, role, path)
+        requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+        assert requests["ephemeral-storage"] and limits["ephemeral-storage"], (name, role)
+
+
+@each_ray_manifest
+def test_ray_pods_export_metrics_on_the_port_the_podmonitor_scrapes(name: str) -> None:
+    monitor = the("podmonitor.yaml", "PodMonitor")["spec"]
+    ports = {e["port"] for e in monitor["podMetricsEndpoints"]}
+    cluster = cluster_spec(name)
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group, (role, pod) in zip(groups, pod_specs(cluster), strict=True):
+        assert group["rayStartParams"]["metrics-export-port"] == "8080", (name, role)
+        (c,) = pod["containers"]
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert named["metrics"] == 8080 and "metrics" in ports, (name, role)
+        labels = group["template"]["metadata"]["labels"]
+        assert monitor["selector"]["matchLabels"].items() <= labels.items(), (name, role)
+
+
+def test_podmonitor_is_checked_for_structure() -> None:
+    monitor = copy.deepcopy(the("podmonitor.yaml", "PodMonitor"))
+    assert problems(monitor) == {}
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    monitor["spec"]["selector"] = {"matchLabel": {"a": "b"}}
+    assert set(problems(monitor)) == {
+        "spec.podMetricsEndpoints[0].intervall",
+        "spec.selector.matchLabel",
+    }
+    monitor = copy.deepcopy(the("podmonitor.yaml", "PodMonitor"))
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "half a minute"
+    assert list(problems(monitor)) == ["spec.podMetricsEndpoints[0].interval"]
