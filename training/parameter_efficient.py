@@ -79,6 +79,11 @@ def save_adapter_config(module: Any, out_dir: str) -> None:
     the PEFT model around the consolidated weights (nothing, for a model without an adapter)."""
     if is_peft_model(module):
         module.peft_config["default"].save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
+        # The wrapped model's config names peft's wrapper (PeftModelForTokenClassification)
+        # once training ran; export rebuilds the transformers class the weights belong to.
+        base = module.get_base_model()
+        base.config.architectures = [type(base).__name__]
+        base.config.save_pretrained(out_dir)
 
 
 def has_adapter(config_dir: str) -> bool:
