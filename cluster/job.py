@@ -278,6 +278,7 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
             "zero_stage": last.get("zero_stage"),
             "workers": last.get("workers"),
             "threads_per_worker": last.get("threads_per_worker"),
+            "peak_memory_mb_per_worker": last.get("peak_memory_mb"),
         },
         "data": {
             "train_examples": train_manifest.num_examples,

@@ -519,6 +519,7 @@ def evaluate(w: Worker) -> dict:
         "sentences_split": w.stats.sentences_split,
         "padding_examples_per_epoch": w.segment_len * w.world - w.manifest.num_examples,
         "trainable_params": w.params[0], "total_params": w.params[1],
+        "peak_memory_mb": _peak_memory_mb(w.device),  # this rank's (ranks are alike)
         "peft": w.cfg.model.peft.method,
     }  # fmt: skip
     if w.cfg.data.eval:
@@ -628,6 +629,15 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.cpu().tolist()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: the GPU's allocations, or on a CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _fmt_duration(seconds: float) -> str:
