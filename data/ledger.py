@@ -13,17 +13,24 @@ A part holds two kinds of lines:
   {"list": k, "step", "micro_step", "batches", "size", "offsets"}  `batches` consecutive
       micro-batches (from `micro_step`, counting towards optimizer step `step` on), each taking
       the next `size` offsets (into list k) of the runs `offsets` ([start, stop) pairs)
-Micro-batches that read consecutive offsets (no length grouping) share one line, so the ledger
-costs O(flushes), not O(examples): the ids follow from plan + manifest. Length-grouped batches
-take one short line each. The order of rows inside a micro-batch is not kept (one gradient sum;
-ids come back in stream order). Object stores cannot append, so each flush (at every report,
+  {"list": k, "step", "micro_step", "batches", "size", "grouping", "start", "assign"}  whole
+      length groups (data/batching.py) from offset `start`: `assign` (zlib + base64) holds one
+      byte per offset, the index of the micro-batch of its group that took it
+Micro-batches that read consecutive offsets (length_grouping 1) share one line, so the ledger
+costs O(flushes); length groups cost about a byte per example before compression (the batches
+of a group depend on token lengths, which the ledger does not recompute). A group cut by a
+flush or a resume is written as explicit offset runs. The ids follow from plan + manifest. The
+order of rows inside a micro-batch is not kept (one gradient sum; ids come back in stream
+order). Object stores cannot append, so each flush (at every report,
 before the checkpoint is handed to Ray) writes a new small object with only the new lines.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -70,11 +77,15 @@ class LedgerWriter:
         resumed_step: int | None,
         data_uri: str | None = None,
         grad_accum: int = 1,
+        batch_size: int = 1,
+        length_grouping: int = 1,
         options: storage.StorageOptions | None = None,
     ):
         self.dir = storage.join(run_uri, LEDGER_DIR)
         self.rank, self.attempt, self.options = rank, attempt, options
         self.grad_accum = grad_accum
+        self.batch_size, self.grouping = batch_size, length_grouping
+        self._group: dict | None = None  # the length group being recorded
         self._records: list[dict] = []
         self._parts = 0
         self._list = 0  # the current position list's number (0: none yet)
@@ -93,6 +104,7 @@ class LedgerWriter:
         key = (epoch, plan.identity, tuple(ranges))
         if key == self._list_key:
             return
+        self._close_group()
         self._list += 1
         self._list_key = key
         self._list_record = {
@@ -106,11 +118,75 @@ class LedgerWriter:
         """One micro-batch: its offsets in the current position list (of epoch `epoch`)."""
         if self._list_key is None or self._list_key[0] != epoch:
             raise ValueError(f"ledger: micro-batch of epoch {epoch} before its position list")
+        if self.grouping > 1:
+            size = self.batch_size * self.grouping
+            start = min(offsets) // size * size  # groups start at multiples of their size
+            if self._group is not None and self._group["start"] != start:
+                self._close_group()
+            if self._group is None:
+                self._group = {"start": start, "batches": []}
+            self._group["batches"].append((step, micro_step, list(offsets)))
+            return
+        self._add_batch(step, micro_step, offsets)
+
+    def _ensure_list(self) -> None:
         if not self._list_written:  # each part restates its list: a part reads on its own
             self._records.append(self._list_record)  # type: ignore[arg-type]
             self._list_written = True
+
+    def _close_group(self) -> None:
+        """Record the pending length group: compactly when it is whole (its batches took every
+        offset of [start, start + n) in order of a fresh group), else batch by batch."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        batches, start, size = group["batches"], group["start"], self.batch_size
+        offsets = sorted(o for _, _, batch in batches for o in batch)
+        n = len(offsets)
+        whole = (
+            self.grouping <= 256  # a byte per offset holds the batch's index in its group
+            and offsets == list(range(start, start + n))
+            and n <= size * self.grouping
+            and len(batches) == -(-n // size)
+            and all(len(b) == size for _, _, b in batches[:-1])
+            and all(m == batches[0][1] + i for i, (_, m, _) in enumerate(batches))
+            and all(s == _step_of(batches[0][0], batches[0][1], i, self.grad_accum)
+                    for i, (s, _, _) in enumerate(batches))
+        )  # fmt: skip
+        if not whole:
+            for step, micro_step, batch in batches:
+                self._add_batch(step, micro_step, batch)
+            return
+        assign = bytearray(n)
+        for i, (_, _, batch) in enumerate(batches):
+            for o in batch:
+                assign[o - start] = i
+        self._ensure_list()
+        prev = self._records[-1]
+        step, micro_step = batches[0][0], batches[0][1]
+        if (
+            "assign" in prev
+            and prev["list"] == self._list
+            and len(prev["assign"]) % (size * self.grouping) == 0
+            and prev["start"] + len(prev["assign"]) == start
+            and micro_step == prev["micro_step"] + prev["batches"]
+            and step == _step_of(prev["step"], prev["micro_step"], prev["batches"], self.grad_accum)
+        ):
+            prev["assign"] += assign
+            prev["batches"] += len(batches)
+            return
+        self._records.append({"list": self._list, "step": step, "micro_step": micro_step,
+                              "batches": len(batches), "size": size, "grouping": self.grouping,
+                              "start": start, "assign": assign})  # fmt: skip
+
+    def _add_batch(self, step: int, micro_step: int, offsets: Sequence[int]) -> None:
+        self._ensure_list()
         prev = self._records[-1] if self._records else None
-        if prev is not None and "step" in prev and self._extends(prev, step, micro_step, offsets):
+        if (
+            prev is not None
+            and "offsets" in prev
+            and self._extends(prev, step, micro_step, offsets)
+        ):
             prev["batches"] += 1
             prev["offsets"][-1][1] += len(offsets)
             return
@@ -135,15 +211,23 @@ class LedgerWriter:
         )
 
     def flush(self) -> None:
+        self._close_group()  # a group cut here continues, batch by batch, in the next part
         if not self._records:
             return
         self._parts += 1
         name = f"rank-{self.rank:05d}.{self._parts:05d}.jsonl"
         uri = storage.join(self.dir, f"attempt-{self.attempt:05d}", name)
-        lines = [json.dumps(r, separators=(",", ":")) for r in self._records]
+        lines = [json.dumps(_encoded(r), separators=(",", ":")) for r in self._records]
         storage.write_text(uri, "\n".join(lines) + "\n", self.options)
         self._records = []
         self._list_written = False
+
+
+def _encoded(record: dict) -> dict:
+    if "assign" not in record:
+        return record
+    packed = base64.b64encode(zlib.compress(bytes(record["assign"]), 9)).decode()
+    return {**record, "assign": packed}
 
 
 def _step_of(step0: int, micro0: int, i: int, grad_accum: int) -> int:
@@ -281,12 +365,19 @@ def _expand(rec: dict, lst: dict, rank: int, header: dict, cutoff: int | None,
             resolver: IdResolver | None) -> Iterator[dict]:  # fmt: skip
     """The micro-batches of one batch record, as entries."""
     size, ga = rec["size"], lst["grad_accum"]
-    runs = [tuple(r) for r in rec["offsets"]]
+    runs = [tuple(r) for r in rec.get("offsets", ())]
+    assign = zlib.decompress(base64.b64decode(rec["assign"])) if "assign" in rec else b""
     for i in range(rec["batches"]):
         step = _step_of(rec["step"], rec["micro_step"], i, ga)
         if cutoff is not None and step > cutoff:
             return  # steps only grow within a record
-        offsets = [list(r) for r in _take_offsets(runs, i * size, (i + 1) * size)]
+        if assign:  # whole groups: batch i is index i % grouping of group i // grouping
+            g, k = divmod(i, rec["grouping"])
+            lo = g * size * rec["grouping"]
+            window = assign[lo : lo + size * rec["grouping"]]
+            offsets = _runs([rec["start"] + lo + t for t, b in enumerate(window) if b == k])
+        else:
+            offsets = [list(r) for r in _take_offsets(runs, i * size, (i + 1) * size)]
         entry = {
             "epoch": lst["epoch"], "step": step, "micro_step": rec["micro_step"] + i,
             "rank": rank, "attempt": header["attempt"], "world_size": header["world_size"],
