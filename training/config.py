@@ -128,6 +128,16 @@ class TrainSection(Section):
         "checkpoint (checked after each optimizer step; rank 0's clock decides for all ranks). "
         "None: only eval_every.",
     )  # fmt: skip
+    checkpoint_every: int | None = Field(
+        default=None, ge=1,
+        description="Also checkpoint (without evaluating) every N optimizer steps: checkpoint "
+        "cadence apart from evaluation's. None: checkpoints only come with evaluations.",
+    )  # fmt: skip
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        default="async",
+        description="async: Ray Train uploads a checkpoint in a background thread while training "
+        "goes on (it counts once every rank's upload finished); sync: training waits for it.",
+    )  # fmt: skip
     log_every: int = Field(default=10, ge=1, description="Progress line every N optimizer steps.")
     early_stopping: EarlyStoppingSection = Field(default_factory=lambda: EarlyStoppingSection())
     ledger: bool = Field(

@@ -40,7 +40,7 @@ from shardtune.data.shard_plan import (
     segment_ranges,
     train_segment,
 )
-from shardtune.data.stream import ShardStream
+from shardtune.data.stream import ShardStream, read_span
 from shardtune.data.tasks import TaskSpec, get_task
 from shardtune.training import checkpoint as ckpt
 from shardtune.training import faults
@@ -56,7 +56,7 @@ from shardtune.training.evaluation import evaluate_rows
 from shardtune.training.metrics import scores_from_counts
 from shardtune.training.model import build_model, build_tokenizer, resolve_model_dir
 from shardtune.training.parameter_efficient import apply_peft, lora_module_names, parameter_counts
-from shardtune.training.schedule import Cadence, early_stop_reason, report_due
+from shardtune.training.schedule import Cadence, checkpoint_due, early_stop_reason, report_due
 from shardtune.training.tracking import Tracker, eval_scalars
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Worker:
     t_start: float = field(default_factory=time.perf_counter)
     last_report_step: int = -1
     last_checkpoint_t: float = field(default_factory=time.perf_counter)
+    last_checkpoint_step: int = -1
     first_step_unix: float | None = None  # wall clock of this group's first step (restart latency)
     params: tuple[int, int] = (0, 0)  # (trainable, total)
     tracker: Tracker | None = None  # rank 0 only
@@ -190,7 +191,8 @@ def setup(cfg: WorkerConfig) -> Worker:
         attempt = int(_all_reduce([next_attempt(cfg.run_uri, cfg.storage) if rank == 0 else 0], w.device, "max")[0])  # fmt: skip
         w.ledger = LedgerWriter(cfg.run_uri, rank=rank, attempt=attempt, world_size=world, options=cfg.storage,
                                 resumed_step=w.state.step if resumed else None,
-                                data_uri=cfg.data.train, grad_accum=tc.grad_accum)  # fmt: skip
+                                data_uri=cfg.data.train, grad_accum=tc.grad_accum,
+                                batch_size=tc.batch_size, length_grouping=tc.length_grouping)  # fmt: skip
     _read_eval_rows(w)
     if rank == 0:
         w.tracker = Tracker(
@@ -287,15 +289,10 @@ def _read_eval_rows(w: Worker) -> None:
     if not w.cfg.data.eval:
         return
     manifest = read_manifest_compact(w.cfg.data.eval, w.cfg.storage)
-    plan = EpochPlan(manifest.shard_sizes(), seed=0, epoch=0, shuffle=False)
-    stream = ShardStream(
-        w.cfg.data.eval, manifest, plan, w.cfg.storage, w.cfg.data.shards_in_memory
-    )
-    try:
-        segment = eval_segment(manifest.num_examples, w.world, w.rank)
-        w.eval_rows = sorted((row for _, row in stream.iter_from(segment)), key=w.spec.num_tokens)
-    finally:
-        stream.close()
+    segment = eval_segment(manifest.num_examples, w.world, w.rank)
+    # Only the row groups this rank's slice lies in, not every shard it touches whole.
+    rows, _ = read_span(w.cfg.data.eval, manifest, segment.start, segment.stop, w.cfg.storage)
+    w.eval_rows = sorted(rows, key=w.spec.num_tokens)
     w.eval_total = manifest.num_examples
 
 
@@ -306,7 +303,7 @@ def train(w: Worker) -> None:
     """Epochs of micro-batches; after each optimizer step and each epoch, ask the schedule
     whether to report."""
     tc = w.cfg.train
-    cadence = Cadence(tc.eval_every, tc.checkpoint_every_minutes)
+    cadence = Cadence(tc.eval_every, tc.checkpoint_every_minutes, tc.checkpoint_every)
     w.engine.train()
     done = w.state.step >= w.total_steps
     while not done and w.state.epoch < tc.epochs:
@@ -319,6 +316,8 @@ def train(w: Worker) -> None:
                 minutes_since_checkpoint=(time.perf_counter() - w.last_checkpoint_t) / 60,
             )):  # fmt: skip
                 report(w, evaluate(w))
+            elif checkpoint_due(cadence, step=w.state.step, last_checkpoint_step=w.last_checkpoint_step):  # fmt: skip
+                checkpoint_only(w)
             if w.state.step >= w.total_steps or w.stop_reason:
                 done = True
                 break
@@ -541,7 +540,6 @@ def evaluate(w: Worker) -> dict:
 
 def report(w: Worker, metrics: dict, final: bool = False) -> None:
     """Checkpoint (on an optimizer-step boundary) and hand metrics + checkpoint to Ray Train."""
-    import ray.train
 
     st = w.state
     if "eval_f1" in metrics:  # every rank holds the same all-reduced F1: the same decision
@@ -555,26 +553,8 @@ def report(w: Worker, metrics: dict, final: bool = False) -> None:
         _record_evaluation(w, metrics)
     # Mid-accumulation gradients are not part of DeepSpeed's state and would be lost on resume.
     at_boundary = st.micro_step % w.cfg.train.grad_accum == 0
-    if w.ledger:
-        w.ledger.flush()  # before the checkpoint exists: a resume from it never misses lines
-    local = tempfile.mkdtemp(prefix="shardtune-ckpt-")
-    try:
-        checkpoint = None
-        if at_boundary:
-            ckpt.save(
-                w.engine, local, rank=w.rank, world_size=w.world, state=st, tokenizer=w.tokenizer,
-                meta={"metrics": {k: v for k, v in metrics.items() if k != "eval_counts"}},
-            )  # fmt: skip
-            checkpoint = ray.train.Checkpoint.from_directory(local)
-        ray.train.report(
-            metrics, checkpoint=checkpoint,
-            checkpoint_dir_name=ckpt.new_checkpoint_name(st.step, w.taken) if checkpoint else None,
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    _save_and_report(w, metrics, metrics, at_boundary)
     w.last_report_step = st.step
-    if at_boundary:
-        w.last_checkpoint_t = time.perf_counter()
     w.last_metrics = metrics
     if w.rank == 0 and w.stop_reason:
         log.info("stopping early at step %d: %s", st.step, w.stop_reason)
@@ -588,6 +568,53 @@ def report(w: Worker, metrics: dict, final: bool = False) -> None:
             100 * metrics["padding_fraction"],
             "" if at_boundary else " (no checkpoint: mid-accumulation)",
         )  # fmt: skip
+
+
+def checkpoint_only(w: Worker) -> None:
+    """A checkpoint between evaluations (train.checkpoint_every; always at an optimizer-step
+    boundary). It carries no eval metrics: eval_f1 NaN ranks it below every evaluated one for
+    Ray's retention and for export, without Ray logging a missing score attribute."""
+    st = w.state
+    metrics = {"step": st.step, "epoch": st.epoch, "checkpoint_only": True}
+    to_ray = {**metrics, "eval_f1": float("nan")} if w.cfg.data.eval else metrics
+    _save_and_report(w, metrics, to_ray, True)
+
+
+def _save_and_report(w: Worker, metrics: dict, to_ray: dict, at_boundary: bool) -> None:
+    """Every rank: flush the ledger, save this rank's checkpoint part locally and hand it to Ray
+    Train, which uploads it in a background thread under train.checkpoint_upload=async (and
+    deletes the local copy after): training goes on while the bytes travel, and the checkpoint
+    counts only once every rank's upload finished, so a failure meanwhile resumes from the
+    previous one, which the ledger's committed view follows (attempt headers name the step)."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    st = w.state
+    if w.ledger:
+        w.ledger.flush()  # before the checkpoint exists: a resume from it never misses lines
+    mode = (CheckpointUploadMode.ASYNC if w.cfg.train.checkpoint_upload == "async"
+            else CheckpointUploadMode.SYNC)  # fmt: skip
+    local = tempfile.mkdtemp(prefix="shardtune-ckpt-")
+    handed = False
+    try:
+        checkpoint = None
+        if at_boundary:
+            ckpt.save(
+                w.engine, local, rank=w.rank, world_size=w.world, state=st, tokenizer=w.tokenizer,
+                meta={"metrics": {k: v for k, v in metrics.items() if k != "eval_counts"}},
+            )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(local)
+        ray.train.report(
+            to_ray, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+            checkpoint_dir_name=ckpt.new_checkpoint_name(st.step, w.taken) if checkpoint else None,
+        )  # fmt: skip
+        handed = checkpoint is not None and mode == CheckpointUploadMode.ASYNC
+    finally:
+        if not handed:  # an async upload still reads it; Ray deletes it when done
+            shutil.rmtree(local, ignore_errors=True)
+    if at_boundary:
+        w.last_checkpoint_t = time.perf_counter()
+        w.last_checkpoint_step = st.step
 
 
 def _record_evaluation(w: Worker, metrics: dict) -> None:

@@ -6,6 +6,8 @@ A report (evaluation, then a checkpoint on an optimizer-step boundary) is due
     or when `checkpoint_every_minutes` have passed since the last checkpoint;
   - at the end of an epoch that is not the last when `eval_every` is "epoch";
   - at the end of training unless the last step was just reported.
+A checkpoint alone (no evaluation) is due every `checkpoint_every` steps (checkpoint_due), so
+checkpoints can be frequent while evaluation stays rare; counters only, the same on all ranks.
 Only the clock differs between ranks: with `checkpoint_every_minutes` set, rank 0's decision is
 the one carried to all ranks (a rank deciding alone would enter evaluation's collectives without
 the others and hang). Without it every rank reaches the same decision from the same counters,
@@ -24,6 +26,7 @@ Point = Literal["step", "epoch", "end"]
 class Cadence:
     eval_every: int | str  # steps, or "epoch"
     checkpoint_every_minutes: float | None = None
+    checkpoint_every: int | None = None  # steps
 
     @property
     def uses_clock(self) -> bool:
@@ -50,6 +53,13 @@ def report_due(
         cadence.checkpoint_every_minutes is not None
         and minutes_since_checkpoint >= cadence.checkpoint_every_minutes
     )
+
+
+def checkpoint_due(cadence: Cadence, *, step: int, last_checkpoint_step: int) -> bool:
+    """Whether to checkpoint without evaluating after optimizer step `step` (asked only when
+    no report is due then)."""
+    every = cadence.checkpoint_every
+    return every is not None and step % every == 0 and step != last_checkpoint_step
 
 
 def early_stop_reason(
