@@ -187,6 +187,13 @@ def read_shard_rows(
     dataset_uri: str, shard: ShardInfo, options: storage.StorageOptions | None = None
 ) -> list[dict]:
     """Read one shard whole, verifying its sha256 on the very bytes that get parsed."""
+    return read_shard_rows_sized(dataset_uri, shard, options)[0]
+
+
+def read_shard_rows_sized(
+    dataset_uri: str, shard: ShardInfo, options: storage.StorageOptions | None = None
+) -> tuple[list[dict], int]:
+    """read_shard_rows and the bytes fetched."""
     import pyarrow.parquet as pq
 
     uri = storage.join(dataset_uri, shard.name)
@@ -205,7 +212,50 @@ def read_shard_rows(
         raise DatasetError(
             f"shard {shard.name}: {len(rows)} rows, manifest says {shard.num_examples}"
         )
-    return rows
+    return rows, len(data)
+
+
+def read_shard_slice(
+    dataset_uri: str,
+    shard: ShardInfo,
+    start: int,
+    stop: int,
+    options: storage.StorageOptions | None = None,
+) -> tuple[list[dict], int]:
+    """Rows [start, stop) of one shard in stored order and the bytes fetched: the footer and
+    only the row groups holding them (ranged reads), not the whole object. The sha256 covers
+    whole objects, so a slice is checked by Parquet's page checksums (prepare writes them) and
+    the footer's row count instead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = storage.join(dataset_uri, shard.name)
+
+    def read(f) -> tuple[list[dict], int]:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+        meta = pf.metadata
+        if meta.num_rows != shard.num_examples:
+            raise DatasetError(
+                f"shard {shard.name}: {meta.num_rows} rows, manifest says {shard.num_examples}"
+            )
+        groups, first, seen, fetched = [], None, 0, meta.serialized_size + 8
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if seen < stop and seen + n > start:
+                groups.append(g)
+                first = seen if first is None else first
+                rg = meta.row_group(g)
+                fetched += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+            seen += n
+        if not groups:
+            return [], fetched
+        table: pa.Table = pf.read_row_groups(groups)
+        return table.slice(start - first, stop - start).to_pylist(), fetched
+
+    try:
+        return storage.read_ranges(uri, read, options)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"shard {shard.name} is missing: {uri}") from exc
 
 
 def read_all_rows(

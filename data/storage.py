@@ -128,6 +128,18 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     return with_retries(f"read {uri}", lambda: fs.cat_file(path), options)
 
 
+def read_ranges(uri: str, read: Callable[[Any], T], options: StorageOptions | None = None) -> T:
+    """`read(file)` on a seekable file whose reads are ranged GETs (a Parquet footer and the
+    row groups asked for, not the whole object), retried as a whole like read_bytes."""
+    fs, path = filesystem(uri, options)
+
+    def attempt() -> T:
+        with fs.open(path, "rb", cache_type="none") as f:
+            return read(f)
+
+    return with_retries(f"read {uri} (ranges)", attempt, options)
+
+
 def read_text(uri: str, options: StorageOptions | None = None) -> str:
     return read_bytes(uri, options).decode("utf-8")
 

@@ -13,7 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from shardtune.data import storage
-from shardtune.data.manifest import Manifest, read_shard_rows
+from shardtune.data.manifest import (
+    Manifest,
+    read_shard_rows,
+    read_shard_rows_sized,
+    read_shard_slice,
+)
 from shardtune.data.shard_plan import EpochPlan, Ranges, Segment, segment_ranges
 
 
@@ -115,3 +120,38 @@ class ShardStream:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cache.clear()
+
+
+def read_span(
+    dataset_uri: str,
+    manifest: Manifest,
+    start: int,
+    stop: int,
+    options: storage.StorageOptions | None = None,
+) -> tuple[list[dict], int]:
+    """Rows at positions [start, stop) of the unshuffled stream (shards in manifest order, rows
+    as stored: an eval segment) and the bytes fetched. A shard wholly inside is read whole
+    (sha256-checked); one the span cuts is read by its row groups only, so a rank's share of
+    the eval set costs about its own bytes instead of every shard it touches."""
+    import numpy as np
+
+    sizes = np.asarray(manifest.shard_sizes(), dtype=np.int64)
+    ends = np.cumsum(sizes)
+    rows: list[dict] = []
+    fetched = 0
+    k = int(np.searchsorted(ends, start, side="right"))  # the first shard ending after start
+    while k < len(sizes) and start < stop:
+        base = int(ends[k] - sizes[k])
+        lo, hi = start - base, min(stop, int(ends[k])) - base
+        info = manifest.shards[k]
+        if lo == 0 and hi == sizes[k]:
+            part, n = read_shard_rows_sized(dataset_uri, info, options)
+        elif hi > lo:
+            part, n = read_shard_slice(dataset_uri, info, lo, hi, options)
+        else:
+            part, n = [], 0
+        rows += part
+        fetched += n
+        start = base + hi
+        k += 1
+    return rows, fetched
