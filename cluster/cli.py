@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     manifests = prepare(
         args.task, args.input, args.output, shards=args.shards, shard_size=args.shard_size,
         split=args.split, seed=args.seed, options=_options(args), fmt=args.format,
-        append=args.append,
+        append=args.append, pool=ray_pool() if args.ray else None,
     )  # fmt: skip
     for name, m in manifests.items():
         log.info(
@@ -99,6 +100,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             m.num_examples, m.num_tokens, len(m.shards), len(m.labels),
         )  # fmt: skip
     return 0
+
+
+def ray_pool():
+    """`prepare --ray`'s map: one Ray task per work item (an input file), results in input
+    order. Joins RAY_ADDRESS (inside a Ray job) or starts a local Ray of its own, as `train` does."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+        else:
+            from shardtune.cluster.job import start_local_ray
+
+            start_local_ray(os.cpu_count() or 1)
+
+    def pool(fn, items: list) -> list:
+        task = ray.remote(num_cpus=1, max_retries=2)(fn)  # a lost node reruns its files
+        return ray.get([task.remote(item) for item in items])
+
+    return pool
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -227,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--append", action="store_true",
         help="add --input (new examples only) to the dataset(s) at --output as a new manifest "
         "version; old shards are not rewritten and no old example changes split",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray", action="store_true",
+        help="validate and write shards as Ray tasks, one per input file, in parallel (for "
+        "corpora given as many files; the same output). Joins RAY_ADDRESS or starts a local Ray",
     )  # fmt: skip
     _storage_args(p)
     p.set_defaults(fn=cmd_prepare)

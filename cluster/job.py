@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -115,7 +116,10 @@ def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list
 
     def key(c: tuple[str, dict]) -> tuple:
         order = (c[1].get("step", 0), checkpoint_key(c[0]) or (0, 0))
-        return (c[1].get("eval_f1", -1.0), *order) if has_eval else order
+        f1 = c[1].get("eval_f1", -1.0)
+        # A checkpoint_every checkpoint reports eval_f1 NaN: below every evaluated one.
+        f1 = f1 if isinstance(f1, float | int) and math.isfinite(f1) else -1.0
+        return (f1, *order) if has_eval else order
 
     return sorted(candidates, key=key, reverse=True)
 
@@ -282,6 +286,9 @@ def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict],
         },
         "data": {
             "train_examples": train_manifest.num_examples,
+            # `prepare --append` adds versions: which one this run read (what its test scores
+            # are comparable with)
+            "manifest_version": train_manifest.version,
             "padding_examples_per_epoch": last.get("padding_examples_per_epoch"),
             "words_without_subwords": last.get("words_without_subwords"),
             "sentences_split_into_windows": last.get("sentences_split"),

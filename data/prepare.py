@@ -30,6 +30,7 @@ from shardtune.data.tasks import TaskSpec, get_task
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10_000
+ROW_GROUP = 1_000  # rows per Parquet row group: the unit a partial shard read fetches
 PROGRESS_SECONDS = 5.0  # between progress lines: readable under `ray job logs`, never a flood
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # becomes a directory name
 
@@ -156,6 +157,7 @@ def prepare(
     options: storage.StorageOptions | None = None,
     fmt: str | None = None,
     append: bool = False,
+    pool: Pool | None = None,
 ) -> dict[str, Manifest]:
     """Validate `inputs` and write prepared datasets; returns {split name: manifest}, or
     {"": manifest} without `split` (then the dataset is `output` itself).
@@ -173,6 +175,9 @@ def prepare(
     counts each split's examples) and raises one CorpusError before anything is written; pass 2
     hashes again and writes the shards, holding at most one shard's rows per split. Both passes
     log progress every PROGRESS_SECONDS.
+
+    `pool` (cluster/cli.py's Ray map for `prepare --ray`) runs both passes one task per input
+    file, in parallel, with the same output byte for byte (see _parallel_survey/_parallel_write).
     """
     spec = get_task(task)
     shard_sizes(1, shards, shard_size)  # argument errors before any reading
@@ -181,7 +186,13 @@ def prepare(
     streams = _streams(expand_inputs(inputs, options), split, fmt, options)
     if append and any(streams):
         raise corpus.CorpusError(["--append takes corpus files, not a DatasetDict with splits"])
-    counts, labels, notes = _survey(spec, streams, options, fmt, split, seed)
+    parallel = pool is not None and list(streams) == [""]  # a DatasetDict: one process
+    if pool is not None and not parallel:
+        log.info("prepare: a DatasetDict input is read in this process")
+    if parallel:
+        counts, labels, notes, per_file = _parallel_survey(spec, streams[""], options, fmt, split, seed, pool)  # fmt: skip
+    else:
+        counts, labels, notes = _survey(spec, streams, options, fmt, split, seed)
     previous = _previous(output, split, seed, labels, options) if append else {}
     id_base = sum(m.num_examples for m in previous.values())
 
@@ -219,7 +230,10 @@ def prepare(
             writers = {"": writer(output, n, notes, sources, "")}
             route = _one_route
         plans.append(_Plan(sources, n, route, writers))
-    _write(spec, plans, options, fmt, id_base)
+    if parallel:
+        _parallel_write(spec, plans[0], per_file, options, fmt, split, seed, id_base, pool)  # type: ignore[arg-type]
+    else:
+        _write(spec, plans, options, fmt, id_base)
     return {name: w.finish() for plan in plans for name, w in plan.writers.items()}
 
 
@@ -419,12 +433,181 @@ class _Progress:
         return f"{self.count / elapsed:,.0f}" if elapsed > 0 else "-"
 
 
+Pool = Callable[[Callable[[Any], Any], list], list]  # map(fn, items) -> results in order
+
+
+@dataclass(frozen=True)
+class _FileWork:
+    """One input file's share of a parallel prepare (what a task needs, nothing else)."""
+
+    task: str
+    uri: str
+    fmt: str | None
+    options: storage.StorageOptions | None
+    split: dict[str, float] | None
+    seed: int
+    # pass 2 only: the file's first id, and per split part its first index within the part,
+    # the part's dataset URI, manifest version and shard sizes
+    id_start: int = 0
+    part_starts: tuple[int, ...] = ()
+    parts: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    expected: tuple[int, ...] = ()
+
+
+def _survey_file(work: _FileWork) -> dict:
+    """Pass 1 over one file: examples per part, labels, problems (file:line), conversions."""
+    spec = get_task(work.task)
+    report = corpus.ReadReport()
+    route = _hash_route(spec, work.split, work.seed) if work.split else _one_route
+    counts = [0] * (len(work.split) if work.split else 1)
+    labels: set[str] = set()
+    for example in spec.read(work.uri, work.options, work.fmt, report, None):
+        counts[route(example)] += 1
+        labels.update(spec.example_labels(example))
+    return {"counts": counts, "labels": sorted(labels), "problems": report.problems,
+            "conversions": dict(report.conversions)}  # fmt: skip
+
+
+def _parallel_survey(
+    spec: TaskSpec,
+    sources: list[_Source],
+    options: storage.StorageOptions | None,
+    fmt: str | None,
+    split: dict[str, float] | None,
+    seed: int,
+    pool: Pool,
+) -> tuple[dict[str, list[int]], list[str], dict, list[list[int]]]:
+    """Pass 1 as one task per file, merged in input order: the same counts, labels, notes and
+    problems (in the same order) as _survey, plus each file's counts per part for pass 2."""
+    t0 = time.monotonic()
+    work = [_FileWork(spec.name, uri, fmt, options, split, seed) for uri, _ in sources]
+    results = pool(_survey_file, work)
+    report = corpus.ReadReport()
+    labels = set(spec.implicit_labels)
+    for r in results:
+        report.problems += r["problems"]
+        report.conversions.update(r["conversions"])
+        labels.update(r["labels"])
+    per_file = [r["counts"] for r in results]
+    total = [sum(c) for c in zip(*per_file, strict=True)]
+    if not report.problems and sum(total) == 0:
+        report.problems.append(f"no examples in {[uri for uri, _ in sources]}")
+    report.raise_if_problems()
+    log.info("validating: done, %d examples in %d file(s) in %.1f s (parallel)", sum(total),
+             len(sources), time.monotonic() - t0)  # fmt: skip
+    return {"": total}, sorted(labels), spec.notes(report.conversions), per_file
+
+
+def _write_file(work: _FileWork) -> dict:
+    """Pass 2 over one file: shards that lie wholly inside it are written here; the rows of a
+    shard it shares with the neighbouring files come back as a piece (at most two shards' rows
+    per part), so a task holds at most one shard per part in memory."""
+    spec = get_task(work.task)
+    report = corpus.ReadReport()
+    route = _hash_route(spec, work.split, work.seed) if work.split else _one_route
+    starts = [np.concatenate(([0], np.cumsum(sizes))) for _, _, sizes in work.parts]
+    seen = [0] * len(work.parts)
+    open_: list[tuple[int, int, list[dict]] | None] = [None] * len(work.parts)  # (k, first, rows)
+    shards: list[tuple[int, int, ShardInfo]] = []
+    pieces: list[tuple[int, int, int, list[dict]]] = []
+
+    def close(p: int) -> None:
+        if open_[p] is None:
+            return
+        k, first, rows = open_[p]  # type: ignore[misc]
+        uri, version, sizes = work.parts[p]
+        if first == int(starts[p][k]) and len(rows) == sizes[k]:
+            shards.append((p, k, _write_shard(spec, uri, version, k, rows, work.options)))
+        else:
+            pieces.append((p, k, first, rows))
+        open_[p] = None
+
+    n = 0
+    for n, example in enumerate(spec.read(work.uri, work.options, work.fmt, report, None), 1):
+        p = route(example)
+        j = work.part_starts[p] + seen[p]  # index of the example within its part
+        seen[p] += 1
+        k = int(np.searchsorted(starts[p], j, side="right")) - 1
+        if open_[p] is not None and open_[p][0] != k:  # type: ignore[index]
+            close(p)
+        if open_[p] is None:
+            open_[p] = (k, j, [])
+        open_[p][2].append(spec.to_row(work.id_start + n - 1, example))  # type: ignore[index]
+    for p in range(len(work.parts)):
+        close(p)
+    return {"shards": shards, "pieces": pieces, "problems": report.problems, "counts": seen}
+
+
+def _parallel_write(
+    spec: TaskSpec,
+    plan: _Plan,
+    per_file: list[list[int]],
+    options: storage.StorageOptions | None,
+    fmt: str | None,
+    split: dict[str, float] | None,
+    seed: int,
+    id_base: int,
+    pool: Pool,
+) -> None:
+    """Pass 2 as one task per file: ids and part indices continue across files exactly as one
+    process would number them, so shards and manifests are the same bytes; the driver joins
+    the pieces of the shards that straddle two files and writes them."""
+    t0 = time.monotonic()
+    writers = list(plan.writers.values())
+    for writer in writers:
+        writer.clear_previous()
+    parts = tuple((w.uri, w.version, tuple(w.sizes)) for w in writers)
+    work, id_start, part_starts = [], id_base, [0] * len(writers)
+    for (uri, _), counts in zip(plan.sources, per_file, strict=True):
+        work.append(_FileWork(spec.name, uri, fmt, options, split, seed, id_start,
+                              tuple(part_starts), parts, tuple(counts)))  # fmt: skip
+        id_start += sum(counts)
+        part_starts = [a + b for a, b in zip(part_starts, counts, strict=True)]
+    results = pool(_write_file, work)
+    report = corpus.ReadReport()
+    infos: list[dict[int, ShardInfo]] = [{} for _ in writers]
+    pieces: dict[tuple[int, int], list[tuple[int, list[dict]]]] = {}
+    for w, r in zip(work, results, strict=True):
+        report.problems += r["problems"]
+        if tuple(r["counts"]) != w.expected:
+            raise corpus.CorpusError([f"inputs changed while preparing: {w.uri} first read "
+                                      f"{sum(w.expected)} examples, then {sum(r['counts'])}"])  # fmt: skip
+        for p, k, info in r["shards"]:
+            infos[p][k] = info
+        for p, k, first, rows in r["pieces"]:
+            pieces.setdefault((p, k), []).append((first, rows))
+    report.raise_if_problems()
+    for (p, k), got in sorted(pieces.items()):
+        rows = [row for _, chunk in sorted(got, key=lambda g: g[0]) for row in chunk]
+        uri, version, _ = parts[p]
+        infos[p][k] = _write_shard(spec, uri, version, k, rows, options)
+    for writer, found in zip(writers, infos, strict=True):
+        writer.shards = [found[k] for k in range(len(writer.sizes))]
+    log.info("writing: done, %d file(s) in %.1f s (parallel)", len(work), time.monotonic() - t0)
+
+
+def _write_shard(spec: TaskSpec, uri: str, version: int, k: int, rows: list[dict],
+                 options: storage.StorageOptions | None) -> ShardInfo:  # fmt: skip
+    """Shard k of a dataset version: Parquet bytes, written, described for the manifest.
+    Version 1 keeps the historic names; later versions' shards get their own names, so an
+    append can never overwrite a shard an older manifest vouches for."""
+    name = shard_name(version, k)
+    data = _shard_bytes(spec, rows)
+    storage.write_bytes(storage.join(uri, name), data, options)
+    num_tokens = sum(spec.num_tokens(row) for row in rows)
+    return ShardInfo(name, len(rows), num_tokens, sha256_hex(data))
+
+
 def _shard_bytes(spec: TaskSpec, rows: list[dict]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=spec.row_schema()), buffer)
+    # Row groups of ROW_GROUP rows let a rank read only the part of a shard it needs
+    # (evaluation slices: data.manifest.read_shard_slice), and page checksums check such a
+    # partial read, which the whole-object sha256 cannot.
+    pq.write_table(pa.Table.from_pylist(rows, schema=spec.row_schema()), buffer,
+                   row_group_size=ROW_GROUP, write_page_checksum=True)  # fmt: skip
     return buffer.getvalue()
 
 
@@ -471,13 +654,10 @@ class _DatasetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        # Version 1 keeps the historic names; later versions' shards get their own names, so
-        # an append can never overwrite a shard an older manifest vouches for.
-        name = shard_name(self.version, len(self.shards))
-        data = _shard_bytes(self.spec, self.rows)
-        storage.write_bytes(storage.join(self.uri, name), data, self.options)
-        num_tokens = sum(self.spec.num_tokens(row) for row in self.rows)
-        self.shards.append(ShardInfo(name, len(self.rows), num_tokens, sha256_hex(data)))
+        k = len(self.shards)
+        self.shards.append(
+            _write_shard(self.spec, self.uri, self.version, k, self.rows, self.options)
+        )
         self.rows = []
 
     def finish(self) -> Manifest:
