@@ -643,7 +643,10 @@ def close(w: Worker) -> None:
         w.stream.close()
         w.stream = None
     if w.tracker is not None:  # training failed: keep what was logged, without final metrics
-        w.tracker.close(w.state.step, None)
+        try:
+            w.tracker.close(w.state.step, None)
+        except Exception as exc:  # never hide the failure that brought us here
+            log.warning("tracking: could not save the last points: %s", exc)
         w.tracker = None
 
 
