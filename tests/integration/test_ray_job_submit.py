@@ -1,5 +1,6 @@
 """`launch.py train` submitted as a Ray job to a real Ray head with its dashboard, on loopback:
-what `ray job submit --working-dir .` does against a cluster, with 2 CPUs."""
+what `ray job submit --working-dir .` does against a cluster, with 2 CPUs, Ray's token auth on
+(RAY_AUTH_MODE=token on the head; the clients send its token)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -63,10 +65,16 @@ def _stop_ray(proc: subprocess.Popen) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+class Head(NamedTuple):
+    address: str  # the dashboard (Jobs API)
+    token: str  # the head's Ray auth token
+    client: object  # a JobSubmissionClient that sends the token
+
+
 @pytest.fixture(scope="module")
-def jobs() -> Iterator[object]:
-    """A JobSubmissionClient for a fresh Ray head on 127.0.0.1 (2 CPUs, dashboard on), torn
-    down at the end of the module whatever happens."""
+def head() -> Iterator[Head]:
+    """A fresh Ray head on 127.0.0.1 (2 CPUs, dashboard on) with token auth on
+    (RAY_AUTH_MODE=token), torn down at the end of the module whatever happens."""
     from ray._private.utils import get_dashboard_dependency_error
     from ray.job_submission import JobSubmissionClient
 
@@ -129,13 +137,18 @@ def jobs() -> Iterator[object]:
                         f"no Ray dashboard at {address} after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}"
                     )
                 time.sleep(1)
-        yield client
+        yield Head(address, token, client)
         for job in client.list_jobs():
             if not job.status.is_terminal():
                 client.stop_job(job.submission_id)
     finally:
         _stop_ray(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def jobs(head: Head) -> object:
+    return head.client
 
 
 def wait_for(client, job_id: str, timeout_s: float):
@@ -157,6 +170,28 @@ def submit_train(client, config: Path) -> str:
         f"{shlex.quote(sys.executable)} launch.py train --config {shlex.quote(str(config))}"
     )
     return client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
+
+
+# ---------------------------------------------------------------------------- 0: token auth
+def test_jobs_api_needs_the_token_and_the_cli_takes_it_from_the_environment(
+    head: Head, tmp_path: Path
+) -> None:
+    """What the README tells a client of a remote head: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
+    for `ray job submit`; without the token (or with another) the Jobs API refuses."""
+    import urllib.error
+    import urllib.request
+
+    for headers, status in [({}, 401), ({"Authorization": "Bearer not-the-token"}, 403)]:
+        request = urllib.request.Request(f"{head.address}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == status, headers
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # HOME of its own: no ~/.ray/auth_token to fall back on, the token comes from the env only.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token, HOME=str(tmp_path))
+    submit = [str(RAY), "job", "submit", "--address", head.address, "--", "echo", "token-accepted"]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=FAIL_TIMEOUT_S)
+    assert done.returncode == 0 and "token-accepted" in done.stdout, done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------- A: a broken job file
