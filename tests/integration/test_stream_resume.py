@@ -8,6 +8,7 @@ another worker-group start.)"""
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -148,6 +149,10 @@ def test_resume_with_fewer_workers_sees_each_example_once(
         assert seen == Counter(range(EXAMPLES)), f"epoch {epoch}: not every example exactly once"
     first = [e for e in entries if e["epoch"] == 0]
     assert {e["world_size"] for e in first} == {1, 2}
-    assert (
-        max(e["step"] for e in first if e["world_size"] == 2) == 4
-    )  # steps after the checkpoint: dropped
+    # Steps after the checkpoint the second run resumed from are dropped. Checkpoints upload
+    # asynchronously (train.checkpoint_upload), so the fault right after step 4's report may
+    # beat that upload: Ray then restores checkpoint-2, and the ledger follows whichever it was.
+    header = json.loads(storage.read_text(
+        f"{RUNS}/ledger-resize/ledger/attempt-00002.json", job.storage_options()))  # fmt: skip
+    assert header["resumed_step"] in (2, 4)
+    assert max(e["step"] for e in first if e["world_size"] == 2) == header["resumed_step"]
