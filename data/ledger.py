@@ -13,16 +13,17 @@ A part holds two kinds of lines:
   {"list": k, "step", "micro_step", "batches", "size", "offsets"}  `batches` consecutive
       micro-batches (from `micro_step`, counting towards optimizer step `step` on), each taking
       the next `size` offsets (into list k) of the runs `offsets` ([start, stop) pairs)
-  {"list": k, "step", "micro_step", "batches", "size", "grouping", "start", "assign"}  whole
-      length groups (data/batching.py) from offset `start`: `assign` (zlib + base64) holds one
-      byte per offset, the index of the micro-batch of its group that took it
+  {"list": k, "step", "micro_step", "batches", "size", "grouping", "start", "k0", "assign"}
+      consecutive length groups (data/batching.py) from offset `start`, the first from its
+      micro-batch `k0`: `assign` (zlib + base64) holds a window of batch * grouping bytes per
+      group, one per offset: the index in its group of the micro-batch that took it (255: one
+      outside this record, before a flush or a resume)
 Micro-batches that read consecutive offsets (length_grouping 1) share one line, so the ledger
 costs O(flushes); length groups cost about a byte per example before compression (the batches
-of a group depend on token lengths, which the ledger does not recompute). A group cut by a
-flush or a resume is written as explicit offset runs. The ids follow from plan + manifest. The
-order of rows inside a micro-batch is not kept (one gradient sum; ids come back in stream
-order). Object stores cannot append, so each flush (at every report,
-before the checkpoint is handed to Ray) writes a new small object with only the new lines.
+of a group depend on token lengths, which the ledger does not recompute). The ids follow from
+plan + manifest. The order of rows inside a micro-batch is not kept (one gradient sum; ids come
+back in stream order). Object stores cannot append, so each flush (at every report, before the
+checkpoint is handed to Ray) writes a new small object with only the new lines.
 """
 
 from __future__ import annotations
@@ -114,17 +115,29 @@ class LedgerWriter:
         }  # fmt: skip
         self._list_written = False
 
-    def record(self, *, epoch: int, step: int, micro_step: int, offsets: Sequence[int]) -> None:
-        """One micro-batch: its offsets in the current position list (of epoch `epoch`)."""
+    def record(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        micro_step: int,
+        offsets: Sequence[int],
+        group_step: int | None = None,
+    ) -> None:
+        """One micro-batch: its offsets in the current position list (of epoch `epoch`) and,
+        with length grouping, its index in its group (TrainState.group_step before it ran)."""
         if self._list_key is None or self._list_key[0] != epoch:
             raise ValueError(f"ledger: micro-batch of epoch {epoch} before its position list")
-        if self.grouping > 1:
+        if self.grouping > 1 and group_step is not None:
             size = self.batch_size * self.grouping
             start = min(offsets) // size * size  # groups start at multiples of their size
-            if self._group is not None and self._group["start"] != start:
+            group = self._group
+            if group is not None and (
+                group["start"] != start or group["k0"] + len(group["batches"]) != group_step
+            ):
                 self._close_group()
             if self._group is None:
-                self._group = {"start": start, "batches": []}
+                self._group = {"start": start, "k0": group_step, "batches": []}
             self._group["batches"].append((step, micro_step, list(offsets)))
             return
         self._add_batch(step, micro_step, offsets)
@@ -135,39 +148,37 @@ class LedgerWriter:
             self._list_written = True
 
     def _close_group(self) -> None:
-        """Record the pending length group: compactly when it is whole (its batches took every
-        offset of [start, start + n) in order of a fresh group), else batch by batch."""
+        """Record the pending batches of one length group as a window of its offsets, a byte
+        each: the batch's index in the group, or 255 where a batch outside this record (before a
+        flush or a resume) took it. Appended to the previous record when that one ended with a
+        whole group right before this one."""
         group, self._group = self._group, None
         if group is None:
             return
-        batches, start, size = group["batches"], group["start"], self.batch_size
-        offsets = sorted(o for _, _, batch in batches for o in batch)
-        n = len(offsets)
-        whole = (
-            self.grouping <= 256  # a byte per offset holds the batch's index in its group
-            and offsets == list(range(start, start + n))
-            and n <= size * self.grouping
-            and len(batches) == -(-n // size)
-            and all(len(b) == size for _, _, b in batches[:-1])
-            and all(m == batches[0][1] + i for i, (_, m, _) in enumerate(batches))
-            and all(s == _step_of(batches[0][0], batches[0][1], i, self.grad_accum)
-                    for i, (s, _, _) in enumerate(batches))
-        )  # fmt: skip
-        if not whole:
-            for step, micro_step, batch in batches:
+        batches, start, k0 = group["batches"], group["start"], group["k0"]
+        size = self.batch_size * self.grouping
+        steps_ok = all(
+            m == batches[0][1] + i
+            and s == _step_of(batches[0][0], batches[0][1], i, self.grad_accum)
+            for i, (s, m, _) in enumerate(batches)
+        )
+        inside = all(start <= o < start + size for _, _, b in batches for o in b)
+        if not (steps_ok and inside and self.grouping < 255):
+            for step, micro_step, batch in batches:  # not expected: kept exact, uncompressed
                 self._add_batch(step, micro_step, batch)
             return
-        assign = bytearray(n)
+        assign = bytearray(b"\xff" * size)
         for i, (_, _, batch) in enumerate(batches):
             for o in batch:
-                assign[o - start] = i
+                assign[o - start] = k0 + i
         self._ensure_list()
         prev = self._records[-1]
         step, micro_step = batches[0][0], batches[0][1]
         if (
             "assign" in prev
             and prev["list"] == self._list
-            and len(prev["assign"]) % (size * self.grouping) == 0
+            and k0 == 0
+            and (prev["k0"] + prev["batches"]) % self.grouping == 0
             and prev["start"] + len(prev["assign"]) == start
             and micro_step == prev["micro_step"] + prev["batches"]
             and step == _step_of(prev["step"], prev["micro_step"], prev["batches"], self.grad_accum)
@@ -176,8 +187,9 @@ class LedgerWriter:
             prev["batches"] += len(batches)
             return
         self._records.append({"list": self._list, "step": step, "micro_step": micro_step,
-                              "batches": len(batches), "size": size, "grouping": self.grouping,
-                              "start": start, "assign": assign})  # fmt: skip
+                              "batches": len(batches), "size": self.batch_size,
+                              "grouping": self.grouping, "start": start, "k0": k0,
+                              "assign": assign})  # fmt: skip
 
     def _add_batch(self, step: int, micro_step: int, offsets: Sequence[int]) -> None:
         self._ensure_list()
@@ -211,7 +223,7 @@ class LedgerWriter:
         )
 
     def flush(self) -> None:
-        self._close_group()  # a group cut here continues, batch by batch, in the next part
+        self._close_group()  # a group cut here continues in the next part (from its index)
         if not self._records:
             return
         self._parts += 1
@@ -371,8 +383,8 @@ def _expand(rec: dict, lst: dict, rank: int, header: dict, cutoff: int | None,
         step = _step_of(rec["step"], rec["micro_step"], i, ga)
         if cutoff is not None and step > cutoff:
             return  # steps only grow within a record
-        if assign:  # whole groups: batch i is index i % grouping of group i // grouping
-            g, k = divmod(i, rec["grouping"])
+        if assign:  # batch i is index k of the record's g-th group window
+            g, k = divmod(rec["k0"] + i, rec["grouping"])
             lo = g * size * rec["grouping"]
             window = assign[lo : lo + size * rec["grouping"]]
             offsets = _runs([rec["start"] + lo + t for t, b in enumerate(window) if b == k])

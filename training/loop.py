@@ -400,7 +400,7 @@ def train_step(w: Worker, batch: MicroBatch) -> bool:
 
     if w.ledger:  # positions, not ids: the ids follow from the plan and the manifest
         w.ledger.record(epoch=st.epoch, step=st.step + 1, micro_step=st.micro_step + 1,
-                        offsets=batch.offsets)  # fmt: skip
+                        offsets=batch.offsets, group_step=st.group_step)  # fmt: skip
     tensors = collate(batch.items, w.pad_id)
     n_tokens = tensors.pop("num_tokens")
     tensors = {k: v.to(w.device, non_blocking=True) for k, v in tensors.items()}

@@ -141,10 +141,10 @@ def test_reading_streams_with_bounded_memory(tmp_path):
     assert peak < 8e6, f"peak {peak / 1e6:.1f} MB while streaming {n} entries"
 
 
-def test_length_groups_are_a_byte_per_example_and_a_cut_group_reads_back_exactly(tmp_path):
-    """Length-grouped micro-batches (scattered offsets inside a group of batch * grouping):
-    whole groups share one line; a group cut by a flush, or resumed mid-way by a new attempt,
-    is written batch by batch. Every micro-batch reads back with its own examples."""
+def test_length_groups_cost_a_byte_per_example_and_a_cut_group_reads_back_exactly(tmp_path):
+    """Length-grouped micro-batches (scattered offsets inside a group of batch * grouping): a
+    byte per example, consecutive groups sharing a line, a group cut by a flush continuing in
+    the next part from its batch index. Every micro-batch reads back with its own examples."""
     import random
 
     data, run = _dataset(tmp_path, n=40), str(tmp_path / "run")
@@ -160,7 +160,8 @@ def test_length_groups_are_a_byte_per_example_and_a_cut_group_reads_back_exactly
         rng.shuffle(group)
         for k in range(0, len(group), batch):
             m += 1
-            w.record(epoch=0, step=m, micro_step=m, offsets=group[k : k + batch])
+            w.record(epoch=0, step=m, micro_step=m, offsets=group[k : k + batch],
+                     group_step=k // batch)  # fmt: skip
             want[m] = sorted(group[k : k + batch])
             if m == 5:
                 w.flush()  # cuts the second group
@@ -170,9 +171,32 @@ def test_length_groups_are_a_byte_per_example_and_a_cut_group_reads_back_exactly
         for p in sorted((tmp_path / "run/ledger/attempt-00001").iterdir())
         for line in p.read_text().splitlines()
     ]
-    assert sum("assign" in r for r in lines) == 2  # group 1; groups 3-4 (one line)
+    # one line per part: groups 1-2 up to the cut, then the rest of 2 (from its third batch)
+    # with groups 3-4; no batch needed explicit offsets
+    assert [("assign" in r, r.get("k0")) for r in lines if "ranges" not in r] == [
+        (True, 0), (True, 2),
+    ]  # fmt: skip
     ids_in_order = _expected_ids(data, 1, 0, 0, 0, 40)
     entries = list(read_committed(run))
     assert [e["micro_step"] for e in entries] == list(range(1, m + 1))
     for e in entries:
         assert e["ids"] == [ids_in_order[o] for o in want[e["micro_step"]]]
+
+
+def test_an_attempt_resumed_mid_group_records_the_rest_of_that_group(tmp_path):
+    data, run = _dataset(tmp_path, n=40), str(tmp_path / "run")
+    plan = EpochPlan(read_manifest(data).shard_sizes(), seed=0, epoch=0)
+    groups = [[5, 0, 7, 2, 1, 4, 6, 3], [9, 8, 15, 11, 10, 12, 14, 13]]  # 2 batches of 4 each
+    batches = [g[k : k + 4] for g in groups for k in (0, 4)]
+    for attempt, (resumed, todo) in enumerate([(None, range(0, 3)), (1, range(1, 4))], 1):
+        w = LedgerWriter(run, rank=0, attempt=attempt, world_size=1, resumed_step=resumed,
+                         data_uri=data, batch_size=4, length_grouping=2)  # fmt: skip
+        w.positions(epoch=0, plan=plan, ranges=((0, 40),))
+        for i in todo:  # attempt 2 resumes after step 1: mid-group, at group_step 1
+            w.record(epoch=0, step=i + 1, micro_step=i + 1, offsets=batches[i], group_step=i % 2)
+        w.flush()
+    ids = _expected_ids(data, 1, 0, 0, 0, 40)
+    got = [(e["attempt"], e["micro_step"], e["ids"]) for e in read_committed(run)]
+    assert got == [(1, 1, [ids[o] for o in sorted(batches[0])])] + [
+        (2, i + 1, [ids[o] for o in sorted(batches[i])]) for i in range(1, 4)
+    ]
