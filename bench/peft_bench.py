@@ -7,10 +7,11 @@ precision), storage on local disk. Per row: trainable parameters, non-pad tokens
 training steps only), peak memory of one worker (peak RSS on CPU, peak CUDA allocations on a
 GPU), bytes of one checkpoint, bytes of the export, and test micro-F1 of the exported model.
 
-    python bench/peft_bench.py [--epochs 1] [--methods none,lora,bitfit] [--out peft.json]
+    python bench/peft_bench.py [--epochs 3] [--methods none,lora,bitfit] [--out peft.json]
 
 LoRA and BitFit train far fewer weights and usually want a larger learning rate than full
-fine-tuning: --lr-full / --lr-peft (defaults 1e-4, the demo's, and 1e-3).
+fine-tuning: --lr-full / --lr-peft (defaults 3e-4 and 3e-3: 3 epochs instead of the demo's 8 need
+a faster rate; after 1 epoch at 1e-4 / 1e-3 every row was still at test F1 0).
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--methods", default="none,lora,bitfit")
-    parser.add_argument("--lr-full", type=float, default=1e-4)
-    parser.add_argument("--lr-peft", type=float, default=1e-3)
+    parser.add_argument("--lr-full", type=float, default=3e-4)
+    parser.add_argument("--lr-peft", type=float, default=3e-3)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 

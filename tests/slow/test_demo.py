@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_end_to_end_with_a_step_cap():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def test_demo_runs_end_to_end_with_a_step_cap(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHARDTUNE_DEMO_OUTPUT": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "launch.py", "demo", "train.max_steps=40", "train.eval_every=20", "train.log_every=10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
@@ -28,3 +28,16 @@ def test_demo_runs_end_to_end_with_a_step_cap():
     assert match, out[-3000:]
     assert int(match.group(4)) > 100  # gold entities in the test split
     assert "person" in out and "geo-loc" in out  # per-type rows of the real corpus
+
+    # the run outlives the demo's in-memory S3 server, and the last lines say where it is
+    kept = tmp_path / "demo-tweet-ner"
+    tail = proc.stdout.strip().splitlines()[-5:]
+    assert tail[0].startswith(f"the run is kept in {kept}/"), tail
+    assert f"tensorboard --logdir {kept}/tensorboard" in tail[-1]
+    assert (kept / "report.json").is_file() and (kept / "plot-training.png").is_file()
+    assert any("tfevents" in p.name for p in (kept / "tensorboard").iterdir())
+    assert not any(p.name.startswith("checkpoint-") for p in kept.iterdir())
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(kept / "model")
+    assert model.config.id2label and "plot:" in proc.stdout
