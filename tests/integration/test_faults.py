@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -29,6 +30,7 @@ from shardtune.cluster.config import validate_tree
 from shardtune.cluster.job import run_training
 from shardtune.data import storage
 from shardtune.data.ledger import read_committed
+from shardtune.data.manifest import read_manifest
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py
 RUNS = f"s3://{BUCKET}/fault-runs"
@@ -203,6 +205,30 @@ def test_time_based_checkpoints_are_decided_together(s3, local_ray, prepared, ti
     steps = [h["step"] for h in report["history"]]
     assert steps[-1] == STEPS // 2  # one epoch
     assert len(steps) >= 2 and all(0 < s < STEPS // 2 for s in steps[:-1]), steps  # timed ones
+
+
+def test_checkpoints_between_evaluations_resume_exactly(
+    s3, local_ray, prepared, tiny_model_dir, tmp_path, monkeypatch
+):
+    """train.checkpoint_every: checkpoints every 3 steps without evaluating (evaluation only at
+    the end), uploaded asynchronously; a worker failing at step 7 resumes from one of them and
+    the committed ledger still holds every example exactly once."""
+    monkeypatch.setenv("SHARDTUNE_FAULT", f"raise@step=7,rank=1,times=1,dir={tmp_path}")
+    tree = job_tree("ckpt-every", s3.endpoint_url, prepared, tiny_model_dir)
+    tree["train"].update(epochs=1, eval_every=1000, checkpoint_every=3)
+    job = validate_tree(tree, "test")
+    report = run_training(job)
+    assert os.path.exists(tmp_path / "fired-1")
+    assert [h["step"] for h in report["history"]] == [STEPS // 2]  # no evaluation at 3, 6, 9
+    header = json.loads(
+        storage.read_text(f"{RUNS}/ckpt-every/ledger/attempt-00002.json", job.storage_options())
+    )
+    assert header["resumed_step"] in (3, 6)  # a checkpoint_every one (6 unless 7 beat its upload)
+    seen = Counter(i for e in read_committed(f"{RUNS}/ckpt-every", job.storage_options())
+                   for i in e["ids"])  # fmt: skip
+    n = read_manifest(prepared["train"], job.storage_options()).num_examples
+    # every training example once, plus the epoch's counted padding (equal segments per rank)
+    assert len(seen) == n and sum(seen.values()) == 2 * -(-n // 2)
 
 
 # Two local Ray start-ups in subprocesses (~2 min on 2 shared cores): in the slow tier's time budget.
