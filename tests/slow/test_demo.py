@@ -20,7 +20,8 @@ def test_demo_runs_end_to_end_with_a_step_cap(tmp_path):
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    assert "prepared" in out and "train 1915, dev 240, test 239" in out
+    # stable hash splits (data/prepare.py): the same tweet always lands in the same split
+    assert "prepared" in out and "train 1891, dev 244, test 259" in out
     assert re.search(r"\[shardtune\] step 40/40 ", out), out[-3000:]  # progress lines with ETA
     assert "eta" in out and "eval @ step 20" in out and "eval @ step 40" in out
     assert "== shardtune run demo-tweet-ner (ner) ==" in out
