@@ -339,7 +339,6 @@ def main() -> None:
                 "(b) without length grouping", "no-grouping", **{"train.length_grouping": 1}
             )
             shardtune_row("(b) in fp32", "fp32", **{"train.precision": "fp32"})
-            shardtune_row("(b) with ZeRO-2 kept", "zero2-one", **{"train.zero_stage": 2})
 
     ref = rows[0][1]
     print(f"\nshardtune vs HF Trainer: {corpus}, {Path(model).name}, {args.epochs} epochs, "
