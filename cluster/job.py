@@ -163,12 +163,22 @@ def start_local_ray(num_cpus: int, **init: Any) -> Any:
     from shardtune.cluster.local_s3 import free_port
 
     port = init.pop("dashboard_port", None) or free_port()
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     init.setdefault("logging_level", "WARNING")
-    return ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=True,
-        dashboard_host="127.0.0.1", dashboard_port=port, **init,
-    )  # fmt: skip
+    try:
+        return ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=port, **init,
+        )  # fmt: skip
+    finally:
+        # Only Ray's processes need it, and they copied it. Left in this process it would
+        # override the address of every Jobs/State API client made here later (Ray reads it
+        # before the address it is given), e.g. a JobSubmissionClient for another cluster.
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
 
 
 def _train(job: JobConfig) -> Any:

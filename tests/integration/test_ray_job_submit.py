@@ -32,6 +32,7 @@ RAY = Path(sys.executable).with_name("ray")  # the CLI of the Ray this interpret
 START_TIMEOUT_S = 120
 FAIL_TIMEOUT_S = 180  # a bad job file must fail before any worker starts
 TRAIN_TIMEOUT_S = 900
+_OTHER_CLUSTERS_ENV = ("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER_ADDRESS")
 
 
 def job_runtime_env() -> dict:
@@ -111,7 +112,9 @@ def head() -> Iterator[Head]:
     # writes one); give this cluster its own token so neither that file nor RAY_AUTH_MODE in
     # the caller's environment decides whether the client can connect.
     token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # RAY_API_SERVER_ADDRESS: set in this process for the session's own local Ray (cluster/job.py
+    # start_local_ray); inherited by this head, it makes its dashboard refuse the head's token.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OTHER_CLUSTERS_ENV)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"
     log_path = Path(temp_dir) / "ray-start.log"
@@ -186,7 +189,9 @@ def test_jobs_api_needs_the_token_and_the_cli_takes_it_from_the_environment(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == status, headers
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # RAY_API_SERVER_ADDRESS: set in this process for the session's own local Ray (cluster/job.py
+    # start_local_ray); inherited by this head, it makes its dashboard refuse the head's token.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OTHER_CLUSTERS_ENV)}
     # HOME of its own: no ~/.ray/auth_token to fall back on, the token comes from the env only.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token, HOME=str(tmp_path))
     submit = [str(RAY), "job", "submit", "--address", head.address, "--", "echo", "token-accepted"]
