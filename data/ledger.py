@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from shardtune.data import storage
-from shardtune.data.shard_plan import EpochPlan, Ranges
+from shardtune.data.shard_plan import EpochPlan, Ranges, slice_ranges
 
 LEDGER_DIR = "ledger"
 _ATTEMPT = re.compile(r"^attempt-(\d{5})\.json$")
@@ -389,7 +389,7 @@ def _expand(rec: dict, lst: dict, rank: int, header: dict, cutoff: int | None,
             window = assign[lo : lo + size * rec["grouping"]]
             offsets = _runs([rec["start"] + lo + t for t, b in enumerate(window) if b == k])
         else:
-            offsets = [list(r) for r in _take_offsets(runs, i * size, (i + 1) * size)]
+            offsets = [list(r) for r in slice_ranges(runs, i * size, (i + 1) * size)]
         entry = {
             "epoch": lst["epoch"], "step": step, "micro_step": rec["micro_step"] + i,
             "rank": rank, "attempt": header["attempt"], "world_size": header["world_size"],
@@ -398,20 +398,6 @@ def _expand(rec: dict, lst: dict, rank: int, header: dict, cutoff: int | None,
         if resolver is not None:
             entry["ids"] = resolver.ids(lst, offsets)
         yield entry
-
-
-def _take_offsets(runs: Sequence[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
-    """Items lo..hi-1 of the concatenated runs, as runs."""
-    out, base = [], 0
-    for a, b in runs:
-        n = b - a
-        x, y = max(lo, base), min(hi, base + n)
-        if x < y:
-            out.append((a + x - base, a + y - base))
-        base += n
-        if base >= hi:
-            break
-    return out
 
 
 class Committed:

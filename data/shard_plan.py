@@ -210,8 +210,8 @@ def _subtract(have: list[tuple[int, int]], drop: list[tuple[int, int]]) -> list[
     return out
 
 
-def _slice(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
-    """Positions lo..hi-1 of the concatenation of `ranges` (lo < hi <= its length)."""
+def slice_ranges(ranges, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Positions lo..hi-1 of the concatenation of `ranges`, as ranges (hi may pass its end)."""
     out, base = [], 0
     for start, stop in ranges:
         n = stop - start
@@ -219,6 +219,8 @@ def _slice(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, i
         if a < b:
             out.append((start + a - base, start + b - base))
         base += n
+        if base >= hi:
+            break
     return out
 
 
@@ -264,7 +266,7 @@ def reshard_rest_of_epoch(
         while lo < hi:  # each pass covers at most one lap of the rest
             lap_lo = lo % n
             step = min(hi - lo, n - lap_lo)
-            ranges += _slice(rest, lap_lo, lap_lo + step)
+            ranges += slice_ranges(rest, lap_lo, lap_lo + step)
             lo += step
         shares.append(Share(tuple(ranges), max(0, hi - max(rank * per_rank, n))))
     return shares
