@@ -374,9 +374,10 @@ def epoch_batches(w: Worker) -> Iterator[MicroBatch]:
         lengths = [sum(len(item.input_ids) for item in items) for items in encoded]
         batches = group_batches(lengths, tc.batch_size, key=(tc.seed, st.epoch, w.rank, start),
                                 shuffle=tc.length_grouping > 1)  # fmt: skip
-        w.meter.phase_seconds["data"] += time.perf_counter() - t0
-        w.meter.timed_seconds += time.perf_counter() - t0
-        w.meter.seconds += time.perf_counter() - t0
+        spent = time.perf_counter() - t0  # group reading + encoding: data time of a timed step
+        w.meter.phase_seconds["data"] += spent
+        w.meter.timed_seconds += spent
+        w.meter.seconds += spent
         for k in range(st.group_step, len(batches)):
             idx = batches[k]
             yield MicroBatch([rows[i] for i in idx], [x for i in idx for x in encoded[i]],
