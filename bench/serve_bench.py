@@ -165,7 +165,10 @@ def main() -> int:
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of each server (replica CPUs for shardtune)")  # fmt: skip
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="8 keeps a batch forming while one computes on 2 cores")  # fmt: skip
+    parser.add_argument("--precision", default="auto", help="shardtune serve --precision")
+    parser.add_argument("--ingress", default="auto", help="shardtune serve --ingress")
     parser.add_argument("--batch-wait-ms", type=float, default=5)
     args = parser.parse_args()
 
@@ -178,7 +181,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "shardtune", "--log-level", "WARNING", "serve",
                "--model", model, "--port", str(port), "--num-cpus", str(args.threads),
                "--max-batch-size", str(args.max_batch_size),
-               "--batch-wait-ms", str(args.batch_wait_ms), "--max-queued-requests", "256"]  # fmt: skip
+               "--batch-wait-ms", str(args.batch_wait_ms), "--max-queued-requests", "256",
+               "--precision", args.precision, "--ingress", args.ingress]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc)

@@ -35,6 +35,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -151,6 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         options=_options(args),
         batch_size=args.batch_size,
         max_length=args.max_length,
+        precision=args.precision,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -185,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # Lazy: Ray Serve and FastAPI load only for this verb (and only with the `serve` extra).
     from shardtune.serving.app import ServeSettings
-    from shardtune.serving.server import run_server
+    from shardtune.serving.server import check_port, resolve_ingress, run_server
 
     try:
         settings = ServeSettings(
@@ -194,15 +205,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms, forward_batch_size=args.forward_batch_size,
             max_queued_requests=args.max_queued_requests, max_texts=args.max_texts,
             max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-            num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, precision=args.precision,
         )  # fmt: skip
+        resolve_ingress(args.ingress, replicas=args.replicas, joined=args.address is not None)
+        check_port(args.host, args.port)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_server(settings, host=args.host, port=args.port, address=args.address)
+    return run_server(
+        settings, host=args.host, port=args.port, address=args.address, ingress=args.ingress
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardtune.data.device import INFERENCE_PRECISIONS
+    from shardtune.serving import INGRESS_MODES
+
     parser = _Parser(
         prog="shardtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -277,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive_int, help="default: the model's training max_length"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--precision", choices=INFERENCE_PRECISIONS, default="fp32",
+        help="fp32: the weights as plain transformers runs them; auto: as `serve` runs them "
+        "(bf16 on a CPU or GPU that computes it natively)",
+    )  # fmt: skip
     _storage_args(p)
     p.set_defaults(fn=cmd_evaluate)
 
@@ -294,8 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP inference over an exported model (Ray Serve + FastAPI)")
     p.add_argument("--model", required=True, help="exported model URI (local dir, s3://...)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument(
+        "--ingress", choices=INGRESS_MODES, default="auto",
+        help="direct: the replica itself answers on --port (Ray Serve's direct ingress; one "
+        "replica on a local Ray); proxy: Serve's HTTP proxy routes to the replicas; auto: direct "
+        "when both hold, else proxy",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=INFERENCE_PRECISIONS, default="auto",
+        help="auto: bf16 where the CPU/GPU computes it natively, else fp32; fp32 answers exactly "
+        "as `evaluate` does by default",
+    )  # fmt: skip
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per model batch")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
     p.add_argument("--forward-batch-size", type=int, default=64, help="windows per forward pass")

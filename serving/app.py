@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from shardtune.data import storage
+from shardtune.data.device import INFERENCE_PRECISIONS
 from shardtune.serving.predictor import Predictor, fetch_model, run_summary
 
 APP_NAME = "shardtune"
@@ -45,6 +46,8 @@ class ServeSettings:
     num_cpus: float = 1.0
     """CPUs per replica; also torch's intra-op threads."""
     num_gpus: float = 0.0
+    precision: str = "auto"
+    """fp32 | bf16 | auto (bf16 where the device computes it natively): data/device.py."""
 
     def __post_init__(self) -> None:
         """Every bad value at once, before Ray starts."""
@@ -59,6 +62,8 @@ class ServeSettings:
         ]  # fmt: skip
         if not self.model:
             problems.append("model: a model URI is required")
+        if self.precision not in INFERENCE_PRECISIONS:
+            problems.append(f"precision={self.precision!r} must be one of {INFERENCE_PRECISIONS}")
         if problems:
             raise ValueError("invalid serve settings: " + "; ".join(problems))
 
@@ -239,22 +244,41 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     )
 
 
-@app.middleware("http")
-async def _record(request: Request, call_next):
-    metrics: ServeMetrics | None = getattr(request.app.state, "metrics", None)
-    route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
-    t0 = time.perf_counter()
-    if metrics is not None:
+class _Record:
+    """Requests by route and status, latency and in-flight count: a plain ASGI middleware (a
+    `@app.middleware("http")` one runs each request through an extra task and stream copy,
+    which at a few ms of CPU per request is what a 2-core replica cannot spare)."""
+
+    def __init__(self, asgi: Any):
+        self.asgi = asgi
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        # The app Serve runs (scope["app"]) need not be this module's object: Serve rebuilds it.
+        state = getattr(scope.get("app"), "state", None)
+        metrics: ServeMetrics | None = getattr(state, "metrics", None)
+        if scope["type"] != "http" or metrics is None:
+            await self.asgi(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        status = 500  # what the client sees if the app fails before starting a response
+
+        async def record_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
         metrics.inflight.inc()
-    try:
-        response = await call_next(request)
-    finally:
-        if metrics is not None:
+        try:
+            await self.asgi(scope, receive, record_status)
+        finally:
             metrics.inflight.dec()
-    if metrics is not None:
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
-    return response
+            metrics.requests.labels(route=route, status=str(status)).inc()
+            metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+
+
+app.add_middleware(_Record)
 
 
 _PREDICT_BODY = {
@@ -281,8 +305,9 @@ class ModelServer:
         model_dir = fetch_model(s.model, os.path.join(self._tmp.name, "model"), options)
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.predictor = Predictor.from_dir(
-            model_dir, forward_batch_size=s.forward_batch_size, device=device
-        )
+            model_dir, forward_batch_size=s.forward_batch_size, device=device,
+            precision=s.precision,
+        )  # fmt: skip
         self.run = run_summary(s.model, options)
         self.predictor.predict_batch([["warm up"]])  # first-call allocations before readiness
         self.metrics = ServeMetrics(s, self.predictor, self.run)
@@ -300,16 +325,18 @@ class ModelServer:
         "/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
         responses={400: {}, 413: {}, 422: {}, 503: {"description": "queue full"}},
     )  # fmt: skip
-    async def predict(self, request: Request) -> dict:
+    async def predict(self, request: Request) -> Response:
         """Entities (NER) or label and scores (classification) for each text, in order."""
         s = self.settings
         body = await read_body(request, s.max_body_bytes)
         texts = parse_predict_body(body, max_texts=s.max_texts, max_chars=s.max_chars)
-        if not texts:
-            return {"task": self.predictor.task, "results": []}
-        self.metrics.queue.inc()
-        results = await self.predict_batched(texts)
-        return {"task": self.predictor.task, "results": results}
+        results: list = []
+        if texts:
+            self.metrics.queue.inc()
+            results = await self.predict_batched(texts)
+        # Built here, not validated against PredictResponse again (the schema documents what
+        # predictor.py builds; a test checks served bodies against it).
+        return JSONResponse({"task": self.predictor.task, "results": results})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # set from settings in __init__
     async def predict_batched(self, requests: list[list[str]]) -> list[list]:
@@ -351,6 +378,7 @@ class ModelServer:
             "labels": p.labels,
             "entity_types": entity_types if p.task == "ner" else None,
             "max_length": p.max_length,
+            "precision": p.precision,
             "word_rule": "maximal runs of non-whitespace characters (str.split()); offsets are "
             "code-point indices into the text",
             "limits": {

@@ -16,6 +16,7 @@ import numpy as np
 from seqeval.metrics.sequence_labeling import get_entities
 from shardtune.data import storage
 from shardtune.data.alignment import Window, encode_sentence, encode_text, word_predictions
+from shardtune.data.device import autocast, resolve_inference_precision
 
 # The one word rule: a word is a maximal run of non-whitespace characters, where whitespace is
 # what Python's str.isspace() calls whitespace (spaces, tabs, newlines, NBSP, ideographic space
@@ -128,6 +129,7 @@ class Predictor:
         max_length: int,
         forward_batch_size: int = 32,
         device: str = "cpu",
+        precision: str = "fp32",
     ):
         if task not in ("ner", "classify"):
             raise ValueError(f"unknown task {task!r}; an exported model says 'ner' or 'classify'")
@@ -136,10 +138,15 @@ class Predictor:
         self.max_length = max_length
         self.forward_batch_size = forward_batch_size
         self.device = device
+        self.precision = resolve_inference_precision(precision, device)
+        """The resolved "fp32" or "bf16" (autocast) this predictor runs at."""
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_dir(cls, model_dir: str, *, forward_batch_size: int = 32, device: str = "cpu"):
+    def from_dir(
+        cls, model_dir: str, *, forward_batch_size: int = 32, device: str = "cpu",
+        precision: str = "fp32",
+    ):  # fmt: skip
         """Load an exported model directory (config.json names `shardtune_task` and
         `shardtune_max_length`) with plain transformers."""
         from transformers import (
@@ -165,7 +172,7 @@ class Predictor:
             raise ValueError(f"{model_dir}: word alignment needs a fast tokenizer (tokenizer.json)")
         return cls(
             model, tokenizer, task=task, max_length=max_length,
-            forward_batch_size=forward_batch_size, device=device,
+            forward_batch_size=forward_batch_size, device=device, precision=precision,
         )  # fmt: skip
 
     def _encode(self, text_index: int, text: str) -> _Text:
@@ -197,7 +204,7 @@ class Predictor:
             for row, item in enumerate(chunk):
                 ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
                 mask[row, : len(item.input_ids)] = 1
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.precision, self.device):
                 out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
             logits = out.logits.float().cpu().numpy()
             for row, item in enumerate(chunk):

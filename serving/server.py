@@ -1,10 +1,23 @@
 """The `serve` lifecycle: start a fresh local Ray (or join --address), deploy the application,
-wait for readiness, run until Ctrl-C or SIGTERM, then shut down exactly what was started."""
+wait for readiness, run until Ctrl-C or SIGTERM, then shut down exactly what was started.
+
+Ingress. Through Serve's HTTP proxy every request costs a hop through a second Python process
+(the proxy actor: HTTP parsing, routing, a Ray call to the replica and back), a few ms of CPU
+each: on a small machine that is as much CPU as the model's forward pass. With one replica on a
+Ray of our own there is nothing to route, so `direct` (the default there) has the replica answer
+on --port itself, through Ray Serve's direct ingress (its port range pinned to that one port);
+the proxy, which Serve still starts, listens on a spare port nobody is told about. `proxy` is
+the way for several replicas or a cluster joined with --address (where the cluster's own Serve
+settings apply; Ray's HAProxy ingress, RAY_SERVE_ENABLE_HA_PROXY, is the high-throughput option
+there)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -15,6 +28,10 @@ from dataclasses import asdict
 from shardtune.serving.app import APP_NAME, ServeSettings, build
 
 log = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)  # a log file or pipe sees it now, not when the server stops
 
 
 def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
@@ -31,16 +48,95 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
     return False
 
 
+def resolve_ingress(ingress: str, *, replicas: int, joined: bool) -> str:
+    """ "direct" or "proxy" for `--ingress` (see the module docstring); ValueError when direct
+    cannot work."""
+    if ingress == "auto":
+        return "direct" if replicas == 1 and not joined else "proxy"
+    if ingress == "direct" and (joined or replicas != 1):
+        raise ValueError(
+            "--ingress direct: needs one replica on a Ray of its own (got "
+            + ("--address" if joined else f"--replicas {replicas}")
+            + "); use --ingress proxy"
+        )
+    if ingress not in ("direct", "proxy"):
+        raise ValueError(f"--ingress {ingress!r}: expected auto, direct or proxy")
+    return ingress
+
+
+def check_port(host: str, port: int) -> None:
+    """ValueError naming --port when host:port cannot be listened on (taken, or no such
+    address), before minutes of starting Ray end in a server that never answers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror})"
+            ) from None
+
+
+def _spare_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve settings (read by its controller and replicas at start, so set before ray.init
+    starts them) that make the one replica serve HTTP on `port` itself; no quarantine, so a
+    restarted replica gets the port back at once."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_server(
     settings: ServeSettings,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     address: str | None = None,
+    ingress: str = "auto",
     ready_timeout_s: float = 600.0,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = _say,
 ) -> int:
     """Serve until a signal arrives. Returns the process exit status."""
+    joined = address is not None
+    mode = resolve_ingress(ingress, replicas=settings.replicas, joined=joined)
+    with _environment(direct_ingress_env(port) if mode == "direct" else {}):
+        return _run(settings, host, port, address, mode, ready_timeout_s, say)
+
+
+def _run(
+    settings: ServeSettings,
+    host: str,
+    port: int,
+    address: str | None,
+    mode: str,
+    ready_timeout_s: float,
+    say: Callable[[str], None],
+) -> int:
     import ray
     from ray import serve
 
@@ -50,25 +146,35 @@ def run_server(
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     joined = address is not None
+
+    def ours_again() -> None:
+        # ray.init installs a SIGTERM handler that calls sys.exit wherever the main thread
+        # happens to be (mid-deploy, that aborts the process); ours again, so a SIGTERM means
+        # the same orderly stop as Ctrl-C.
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
+
     try:
         if joined:
             ray.init(address=address, logging_level="WARNING")
         else:
             # address="local": a Ray of our own, never one another process on this machine runs.
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": host, "port": port})
+        ours_again()
+        proxy_port = _spare_port(host) if mode == "direct" else port
+        serve.start(http_options={"host": host, "port": proxy_port})
         serve.run(build(asdict(settings)), name=APP_NAME, route_prefix="/", blocking=False)
-        # ray.init replaced our SIGTERM handler with one that calls sys.exit wherever the main
-        # thread happens to be; ours again, so a SIGTERM means the same orderly stop as Ctrl-C.
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
+        ours_again()  # in case Serve's start installed its own
         url = f"http://{host}:{port}"
         if not wait_ready(url, ready_timeout_s, stop):
             if stop.is_set():
                 return 130
             say(f"error: {settings.model} was not ready at {url}/readyz in {ready_timeout_s:.0f}s")
             return 1
-        say(f"serving {settings.model} at {url}  (POST /v1/predict, /docs, /metrics); Ctrl-C stops")
+        say(
+            f"serving {settings.model} at {url}  (POST /v1/predict, /docs, /metrics; "
+            f"{mode} ingress); Ctrl-C stops"
+        )
         while not stop.wait(1.0):
             pass
         say("stopping")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardtune.data.device import cpu_has_bf16
+
 
 def total_optimizer_steps(
     examples_per_rank: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None
@@ -16,24 +18,6 @@ def total_optimizer_steps(
     if max_steps is not None:
         steps = min(steps, max_steps)
     return micro_per_epoch, steps
-
-
-def cpu_has_bf16(cpu_flags: str) -> bool:
-    """Whether a CPU computes bf16 matrix products natively (flags as in /proc/cpuinfo):
-    AVX512-BF16 or AMX. Without them bf16 is emulated and slower than fp32."""
-    flags = set(cpu_flags.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def read_cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.partition(":")[2]
-    except OSError:
-        pass
-    return ""
 
 
 def resolve_precision(requested: str, *, on_gpu: bool, gpu_bf16: bool, cpu_flags: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from shardtune.data.alignment import IGNORE_INDEX, AlignmentStats
 from shardtune.data.collate import collate
+from shardtune.data.device import autocast, resolve_inference_precision
 from shardtune.data.tasks import get_task
 from shardtune.training import metrics
 
@@ -140,9 +141,12 @@ def evaluate_exported(
     batch_size: int = 32,
     max_length: int | None = None,
     keep_predictions: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Entity-level (or per-class) report for an exported model on a prepared dataset, in one
-    process with plain transformers: what `launch.py evaluate` prints and report.json holds."""
+    process with plain transformers: what `launch.py evaluate` prints and report.json holds.
+    `precision` ("fp32" | "bf16" | "auto", data/device.py): fp32 scores the weights exactly as
+    plain transformers runs them; "auto" scores them as `serve` runs them by default."""
     import time
 
     from shardtune.data.manifest import DatasetError, read_all_rows
@@ -162,8 +166,14 @@ def evaluate_exported(
     max_length = max_length or getattr(model.config, "shardtune_max_length", None) or 128
     device = eval_device(torch.cuda.is_available())
     model.to(device).eval()  # batches follow it in evaluate_rows
+    precision = resolve_inference_precision(precision, device)
+
+    def forward(batch: dict[str, torch.Tensor]) -> Any:
+        with autocast(precision, device):
+            return model(**batch)
+
     result = evaluate_rows(
-        lambda b: model(**b), rows, task=task, labels=labels, names=names, tokenizer=tokenizer,
+        forward, rows, task=task, labels=labels, names=names, tokenizer=tokenizer,
         max_length=max_length, batch_size=batch_size, device=device,
         keep_predictions=True,  # also for the confusion matrix
     )  # fmt: skip
@@ -175,6 +185,7 @@ def evaluate_exported(
         "loss": result.loss_sum / max(1, result.batches),
         "seconds": time.perf_counter() - t0,
         "device": device.type,
+        "precision": precision,
         **metrics.scores_from_counts(result.counts, names),
     }
     gold = [get_task(task).gold(row) for row in rows]

@@ -30,6 +30,7 @@ from shardtune.data import storage
 from shardtune.data.alignment import AlignmentStats
 from shardtune.data.batching import group_batches, group_starts, micro_batches_per_epoch
 from shardtune.data.collate import collate
+from shardtune.data.device import read_cpu_flags
 from shardtune.data.ledger import LedgerWriter, next_attempt
 from shardtune.data.logs import setup_logging
 from shardtune.data.manifest import Manifest, read_manifest_compact
@@ -48,7 +49,6 @@ from shardtune.training.config import WorkerConfig
 from shardtune.training.ds_config import (
     build_deepspeed_config,
     effective_zero_stage,
-    read_cpu_flags,
     resolve_precision,
     total_optimizer_steps,
 )

@@ -52,16 +52,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_uri, s3, tmp_path_factory):
+def start_server(model_uri: str, s3, log, *extra: str) -> dict:
+    """`shardtune serve` in a subprocess, once /readyz answers: {"url", "proc", "log"}."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     cmd = [
         sys.executable, "-m", "shardtune", "serve", "--model", model_uri,
-        "--endpoint-url", s3.endpoint_url, "--port", str(port),
-        "--max-texts", str(MAX_TEXTS), "--max-chars", str(MAX_CHARS),
-        "--max-body-bytes", str(MAX_BODY), "--max-batch-size", "4", "--batch-wait-ms", "20",
-        "--max-queued-requests", "2",
+        "--endpoint-url", s3.endpoint_url, "--port", str(port), *extra,
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -70,15 +66,18 @@ def server(model_uri, s3, tmp_path_factory):
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
+                return {"url": url, "proc": proc, "log": log}
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become ready:\n{log.read_text()[-4000:]}")
-    yield {"url": url, "proc": proc, "log": log}
-    if proc.poll() is None:  # the last test stops it; this is for a failure before that
+    proc.kill()
+    pytest.fail(f"server did not become ready:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(server: dict) -> None:
+    """SIGTERM, then (only if it hangs) kill what it started: for a test that failed early."""
+    proc = server["proc"]
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
@@ -88,6 +87,38 @@ def server(model_uri, s3, tmp_path_factory):
             proc.kill()
 
 
+def wait_for_line(server: dict, text: str, timeout_s: float = 30) -> None:
+    """Until the server's output holds `text` (it prints once its own readiness poll answers,
+    which can be after ours)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert text in server["log"].read_text(), server["log"].read_text()[-3000:]
+
+
+def listener_of(url: str) -> psutil.Process:
+    """The one process listening on the url's port."""
+    port = int(url.rsplit(":", 1)[1])
+    owners = {
+        c.pid for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }  # fmt: skip
+    assert len(owners) == 1, owners
+    return psutil.Process(owners.pop())
+
+
+@pytest.fixture(scope="module")
+def server(model_uri, s3, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    server = start_server(
+        model_uri, s3, log, "--max-texts", str(MAX_TEXTS), "--max-chars", str(MAX_CHARS),
+        "--max-body-bytes", str(MAX_BODY), "--max-batch-size", "4", "--batch-wait-ms", "20",
+        "--max-queued-requests", "2",
+    )  # fmt: skip
+    yield server
+    stop_server(server)  # the last test stops it; this is for a failure before that
+
+
 @pytest.fixture
 def client(server):
     with httpx.Client(base_url=server["url"], timeout=60) as c:
@@ -95,8 +126,11 @@ def client(server):
 
 
 def predict(client: httpx.Client, texts: list[str]) -> list:
+    from shardtune.serving.app import PredictResponse
+
     r = client.post("/v1/predict", json={"texts": texts})
     assert r.status_code == 200, r.text
+    PredictResponse.model_validate(r.json())  # the documented schema, not re-checked by the app
     return r.json()["results"]
 
 
@@ -109,18 +143,32 @@ def test_ready_health_model_and_docs(client, model_uri):
         model_uri, "ner", LABELS, 8,
     )  # fmt: skip
     assert info["entity_types"] == ["LOC", "ORG", "PER"]
+    from shardtune.data.device import inference_precision, read_cpu_flags
+
+    auto = inference_precision("auto", on_gpu=False, gpu_bf16=False, cpu_flags=read_cpu_flags())
+    assert info["precision"] == auto  # bf16 on this machine's CPUs (avx512_bf16)
     assert info["limits"]["max_texts"] == MAX_TEXTS
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_one_local_replica_answers_on_the_port_itself(server):
+    """Direct ingress (the default for one replica on a local Ray): the process listening on
+    --port is the Serve replica holding the model, not Serve's HTTP proxy."""
+    assert "ServeReplica" in " ".join(listener_of(server["url"]).cmdline())
+    wait_for_line(server, "direct ingress")
 
 
 def test_served_entities_equal_what_evaluate_predicts(client, model_uri, prepared):
     from shardtune.data.manifest import read_all_rows
     from shardtune.training.evaluation import evaluate_exported
 
+    # The server runs its default precision (auto: bf16 on a CPU that computes it natively, as
+    # this machine's does), so `evaluate --precision auto` is the training-side answer to match.
     report = evaluate_exported(
-        model_uri, prepared["test"], options=prepared["options"], keep_predictions=True
-    )
+        model_uri, prepared["test"], options=prepared["options"], keep_predictions=True,
+        precision="auto",
+    )  # fmt: skip
     _, rows = read_all_rows(prepared["test"], prepared["options"])
     assert len(rows) >= 30
     texts = [" ".join(row["tokens"]) for row in rows]
@@ -260,3 +308,30 @@ def test_sigterm_stops_the_server_and_every_process_it_started(server):
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
     assert "stopping" in server["log"].read_text()
+
+
+def test_proxy_ingress_serves_the_same_answers_and_stops_cleanly(model_uri, s3, tmp_path):
+    """--ingress proxy (several replicas, or a joined cluster): Serve's HTTP proxy owns the
+    port and routes to the replica; same answers, and SIGTERM still leaves no process behind."""
+    texts = ["alice met bob in paris", "umbrella labs", "oslo"]
+    server = start_server(model_uri, s3, tmp_path / "serve.log", "--ingress", "proxy")
+    try:
+        assert "ProxyActor" in " ".join(listener_of(server["url"]).cmdline())
+        with httpx.Client(base_url=server["url"], timeout=60) as c:
+            via_proxy = predict(c, texts)
+        wait_for_line(server, "proxy ingress")  # up, as the user is told; then stopped
+        started = psutil.Process(server["proc"].pid).children(recursive=True)
+        server["proc"].send_signal(signal.SIGTERM)
+        assert server["proc"].wait(90) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        stop_server(server)
+    # The same answers as the model run in this process at the server's precision.
+    from shardtune.data import storage
+    from shardtune.serving.predictor import Predictor, fetch_model
+
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    local = fetch_model(model_uri, str(tmp_path / "model"), options)
+    expected, _ = Predictor.from_dir(local, precision="auto").predict_batch([texts])
+    assert via_proxy == expected[0]

@@ -201,3 +201,30 @@ def test_evaluate_dataset_of_the_other_task(tmp_path, dataset, capsys):
 def test_evaluate_encoder_without_a_task_head(tmp_path, dataset, capsys):
     rc, lines = run_cli(["evaluate", "--model", MODEL, "--data", str(dataset)], capsys)
     assert_user_error(rc, lines, "cannot tell the task")
+
+
+def test_serve_port_out_of_range(capsys):
+    rc, lines = run_cli(["serve", "--model", MODEL, "--port", "181416"], capsys)
+    assert_user_error(rc, lines, "--port", "181416")
+
+
+def test_serve_port_already_taken(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, lines = run_cli(["serve", "--model", MODEL, "--port", str(port)], capsys)
+    assert_user_error(rc, lines, "--port", str(port))
+
+
+def test_serve_direct_ingress_with_several_replicas(capsys):
+    argv = ["serve", "--model", MODEL, "--ingress", "direct", "--replicas", "2"]
+    rc, lines = run_cli(argv, capsys)
+    assert_user_error(rc, lines, "--ingress direct", "--replicas 2")
+
+
+def test_serve_unknown_precision(capsys):
+    rc, lines = run_cli(["serve", "--model", MODEL, "--precision", "fp8"], capsys)
+    assert_user_error(rc, lines, "--precision", "fp8")
