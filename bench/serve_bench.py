@@ -160,8 +160,8 @@ def run_against(name: str, url: str, args: argparse.Namespace) -> dict[int, dict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=200, help="per level (at least 4 x c)")
-    parser.add_argument("--max-seconds", type=float, default=60, help="per level")
+    parser.add_argument("--requests", type=int, default=2000, help="per level (at least 4 x c)")
+    parser.add_argument("--max-seconds", type=float, default=15, help="per level")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of each server (replica CPUs for shardtune)")  # fmt: skip

@@ -203,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model, endpoint_url=args.endpoint_url, profile=args.profile,
             replicas=args.replicas, max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms, forward_batch_size=args.forward_batch_size,
+            concurrent_batches=args.concurrent_batches,
             max_queued_requests=args.max_queued_requests, max_texts=args.max_texts,
             max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, precision=args.precision,
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per model batch")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
     p.add_argument("--forward-batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument(
+        "--concurrent-batches", type=int, default=0,
+        help="batches computed at once, sharing --num-cpus as torch threads (0: one per CPU)",
+    )  # fmt: skip
     p.add_argument("--max-queued-requests", type=int, default=64, help="beyond it: 503")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 beyond)")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters per text (413)")

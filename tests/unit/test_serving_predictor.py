@@ -134,6 +134,18 @@ def test_batch_of_requests_equals_each_request_alone(predictor):
     assert together[0][1] == []  # an empty text has no entities
 
 
+def test_batches_from_two_threads_at_once_answer_as_one_after_the_other(predictor):
+    """The server computes several batches at once (ServeSettings.concurrent_batches): the
+    shared tokenizer and model must give each thread its own, unchanged answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[[f"alice met bob in paris {i}", "umbrella labs " * (i % 5 + 1)]] for i in range(24)]
+    alone = [predictor.predict_batch(b)[0] for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = [answers for answers, _ in pool.map(predictor.predict_batch, batches)]
+    assert [_rounded(a) for a in together] == [_rounded(a) for a in alone]
+
+
 def _rounded(answers):
     return [[[{**e, "score": round(e["score"], 4)} for e in text] for text in r] for r in answers]
 

@@ -49,3 +49,16 @@ def test_inference_precision_follows_the_device():
     assert inference_precision("bf16", **auto, cpu_flags=OLD_CPU) == "bf16"  # asked for: honoured
     with pytest.raises(ValueError, match="fp8"):
         inference_precision("fp8", **auto, cpu_flags=BF16_CPU)
+
+
+def test_batches_at_once_share_the_replica_cpus():
+    from shardtune.serving.app import ServeSettings
+
+    two = ServeSettings(model="m", num_cpus=2, max_batch_size=8)
+    assert (two.batches_at_once, two.torch_threads, two.max_ongoing_requests) == (2, 1, 40)
+    one = ServeSettings(model="m", num_cpus=4, concurrent_batches=1, max_batch_size=16)
+    assert (one.batches_at_once, one.torch_threads, one.max_ongoing_requests) == (1, 4, 64)
+    gpu = ServeSettings(model="m", num_cpus=2, num_gpus=1)
+    assert gpu.batches_at_once == 1
+    with pytest.raises(ValueError, match="concurrent_batches"):
+        ServeSettings(model="m", concurrent_batches=99)
