@@ -169,6 +169,9 @@ def main() -> int:
                         help="8 keeps a batch forming while one computes on 2 cores")  # fmt: skip
     parser.add_argument("--precision", default="auto", help="shardtune serve --precision")
     parser.add_argument("--ingress", default="auto", help="shardtune serve --ingress")
+    parser.add_argument(
+        "--concurrent-batches", default="0", help="shardtune serve --concurrent-batches"
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=5)
     args = parser.parse_args()
 
@@ -182,7 +185,8 @@ def main() -> int:
                "--model", model, "--port", str(port), "--num-cpus", str(args.threads),
                "--max-batch-size", str(args.max_batch_size),
                "--batch-wait-ms", str(args.batch_wait_ms), "--max-queued-requests", "256",
-               "--precision", args.precision, "--ingress", args.ingress]  # fmt: skip
+               "--precision", args.precision, "--ingress", args.ingress,
+               "--concurrent-batches", args.concurrent_batches]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc)
