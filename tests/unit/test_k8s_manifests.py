@@ -410,6 +410,7 @@ def test_rayservice_serve_config_is_valid_for_ray_serve() -> None:
     scaling = deployment.autoscaling_config
     assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
     assert deployment.max_queued_requests == settings.max_queued_requests
+    assert deployment.max_ongoing_requests == settings.max_ongoing_requests  # as `serve` admits
     assert deployment.ray_actor_options.num_cpus == settings.num_cpus
     check_runtime_env(app.runtime_env)
 
