@@ -19,8 +19,9 @@ from shardtune.data.device import INFERENCE_PRECISIONS
 from shardtune.serving.predictor import Predictor, fetch_model, run_summary
 
 APP_NAME = "shardtune"
-MAX_BATCHES_AT_ONCE = 8
-"""Upper bound of ServeSettings.concurrent_batches (serve.batch fixes its own at import)."""
+MAX_BATCHES_AT_ONCE = 4
+"""Upper bound of ServeSettings.concurrent_batches: serve.batch takes its own bound at import,
+and a replica admits at least this many batches (max_ongoing_requests), as Serve asks."""
 ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
@@ -42,10 +43,11 @@ class ServeSettings:
     forward_batch_size: int = 64
     """Model inputs (NER windows) per forward pass, after sorting the whole batch by length."""
     concurrent_batches: int = 0
-    """Batches computed at once, each with num_cpus / concurrent_batches torch threads; 0 picks
-    one single-threaded batch per CPU (one on a GPU). On CPU, two one-thread batches kept 2
-    cores busier than one two-thread batch (1.4x texts/s): while one batch runs Python (tokenize,
-    decode, module calls) the other multiplies."""
+    """Batches computed at once (at most MAX_BATCHES_AT_ONCE), each with num_cpus /
+    concurrent_batches torch threads; 0 picks one single-threaded batch per CPU up to that bound
+    (one on a GPU). On CPU, two one-thread batches kept 2 cores busier than one two-thread batch
+    (1.6x texts/s): while one batch runs Python (tokenize, decode, module calls) the other
+    multiplies."""
     max_queued_requests: int = 64
     """Requests waiting for a replica beyond max_ongoing_requests; past it the proxy answers 503."""
     max_texts: int = 64
@@ -82,10 +84,11 @@ class ServeSettings:
 
     @property
     def batches_at_once(self) -> int:
-        """concurrent_batches resolved: as set, else one per whole CPU (one on a GPU)."""
+        """concurrent_batches resolved: as set, else one per whole CPU up to the bound (one on a
+        GPU)."""
         if self.concurrent_batches:
             return self.concurrent_batches
-        return 1 if self.num_gpus > 0 else max(1, int(self.num_cpus))
+        return 1 if self.num_gpus > 0 else min(MAX_BATCHES_AT_ONCE, max(1, int(self.num_cpus)))
 
     @property
     def torch_threads(self) -> int:

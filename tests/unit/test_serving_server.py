@@ -60,5 +60,7 @@ def test_batches_at_once_share_the_replica_cpus():
     assert (one.batches_at_once, one.torch_threads, one.max_ongoing_requests) == (1, 4, 64)
     gpu = ServeSettings(model="m", num_cpus=2, num_gpus=1)
     assert gpu.batches_at_once == 1
+    big = ServeSettings(model="m", num_cpus=8, max_batch_size=8)  # at most 4 batches, 2 threads
+    assert (big.batches_at_once, big.torch_threads, big.max_ongoing_requests) == (4, 2, 56)
     with pytest.raises(ValueError, match="concurrent_batches"):
         ServeSettings(model="m", concurrent_batches=99)
