@@ -166,7 +166,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['model']} on {report['data']}: {report['examples']} examples")
+        print(
+            f"{report['model']} on {report['data']}: {report['examples']} examples "
+            f"({report['device']}, {report['precision']})"
+        )
         print(format_report(report))
     return 0
 
@@ -209,7 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, precision=args.precision,
         )  # fmt: skip
         resolve_ingress(args.ingress, replicas=args.replicas, joined=args.address is not None)
-        check_port(args.host, args.port)
+        if args.address is None:  # a joined cluster's port belongs to its Serve proxy
+            check_port(args.host, args.port)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -342,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 beyond)")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters per text (413)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body (413)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) per replica")
+    p.add_argument(
+        "--num-cpus", type=float, default=1.0,
+        help="CPUs per replica, shared as torch threads by its concurrent batches",
+    )  # fmt: skip
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     p.add_argument("--address", help="join this Ray cluster (default: a fresh local Ray)")
     _storage_args(p)

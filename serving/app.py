@@ -49,12 +49,13 @@ class ServeSettings:
     (1.6x texts/s): while one batch runs Python (tokenize, decode, module calls) the other
     multiplies."""
     max_queued_requests: int = 64
-    """Requests waiting for a replica beyond max_ongoing_requests; past it the proxy answers 503."""
+    """Requests waiting for a replica beyond max_ongoing_requests; past it the replica (direct
+    ingress) or Serve's proxy answers 503."""
     max_texts: int = 64
     max_chars: int = 20_000
     max_body_bytes: int = 1_000_000
     num_cpus: float = 1.0
-    """CPUs per replica; also torch's intra-op threads."""
+    """CPUs per replica, shared as torch intra-op threads by the batches at once."""
     num_gpus: float = 0.0
     precision: str = "auto"
     """fp32 | bf16 | auto (bf16 where the device computes it natively): data/device.py."""
@@ -378,22 +379,32 @@ class ModelServer:
         max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_AT_ONCE
     )
     async def predict_batched(self, requests: list[list[str]]) -> list[list]:
-        self.metrics.queue.dec(len(requests))
-        t0 = time.perf_counter()
-        # In a thread: the event loop keeps answering /healthz, /metrics and admitting the next
-        # batch while torch computes (it releases the GIL).
+        # In a thread of the batch pool: the event loop keeps answering /healthz, /metrics and
+        # admitting the next batch while torch computes (it releases the GIL).
         loop = asyncio.get_running_loop()
-        answers, stats = await loop.run_in_executor(
-            self._compute, self.predictor.predict_batch, requests
-        )
+        answers, stats, seconds = await loop.run_in_executor(self._compute, self._run, requests)
         m = self.metrics
-        m.inference.observe(time.perf_counter() - t0)
+        m.inference.observe(seconds)
         m.batch_requests.observe(stats.requests)
         m.batch_texts.observe(stats.texts)
         m.padding.observe(stats.padding_fraction)
         m.texts.inc(stats.texts)
         m.entities.inc(stats.entities)
         return answers
+
+    def _run(self, requests: list[list[str]]) -> tuple[list[list], Any, float]:
+        """One batch in a pool thread; its requests stop counting as queued when it starts."""
+        self.metrics.queue.dec(len(requests))
+        t0 = time.perf_counter()
+        answers, stats = self.predictor.predict_batch(requests)
+        return answers, stats, time.perf_counter() - t0
+
+    def __del__(self) -> None:
+        """Serve stopping the replica: the batch threads and the model's temporary copy go."""
+        if hasattr(self, "_compute"):
+            self._compute.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

@@ -67,33 +67,36 @@ def resolve_ingress(ingress: str, *, replicas: int, joined: bool) -> str:
 def check_port(host: str, port: int) -> None:
     """ValueError naming --port when host:port cannot be listened on (taken, or no such
     address), before minutes of starting Ray end in a server that never answers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ValueError(
-                f"--host {host} --port {port}: cannot listen there ({exc.strerror})"
-            ) from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
 
 
 def _spare_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind(address)
         return sock.getsockname()[1]
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Ray Serve settings (read by its controller and replicas at start, so set before ray.init
-    starts them) that make the one replica serve HTTP on `port` itself; no quarantine, so a
-    restarted replica gets the port back at once."""
+    starts them) that make the one replica serve HTTP on `port` itself. No quarantine and no
+    minimum draining period (Ray's default holds a stopping direct-ingress replica open 30 s for
+    a load balancer to deregister it; there is none in front of this one): a stop takes as long
+    as the requests in flight, and a restarted replica gets the port back at once."""
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     }
 
 

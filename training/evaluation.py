@@ -146,7 +146,8 @@ def evaluate_exported(
     """Entity-level (or per-class) report for an exported model on a prepared dataset, in one
     process with plain transformers: what `launch.py evaluate` prints and report.json holds.
     `precision` ("fp32" | "bf16" | "auto", data/device.py): fp32 scores the weights exactly as
-    plain transformers runs them; "auto" scores them as `serve` runs them by default."""
+    plain transformers runs them; "auto" scores them as `serve` runs them by default on the same
+    kind of device (both resolve auto for the device they run on)."""
     import time
 
     from shardtune.data.manifest import DatasetError, read_all_rows
