@@ -9,7 +9,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import textwrap
 import time
 
 import httpx
+from shardtune.cluster.testkit import free_port
 
 LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
 WORDS = ["alice", "went", "to", "paris", "with", "bob", "from", "acme", "corp", "and", "met", "carol", "in", "berlin", "today", "the", "umbrella", "labs", "team", "really", "likes", "oslo"]  # fmt: skip
@@ -62,12 +62,6 @@ def export_model(out: str) -> str:
     AutoModelForTokenClassification.from_pretrained(base, config=config).save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:

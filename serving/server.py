@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict
 
+from shardtune.serving import INGRESS_MODES
 from shardtune.serving.app import APP_NAME, ServeSettings, build
 
 log = logging.getLogger(__name__)
@@ -59,30 +60,28 @@ def resolve_ingress(ingress: str, *, replicas: int, joined: bool) -> str:
             + ("--address" if joined else f"--replicas {replicas}")
             + "); use --ingress proxy"
         )
-    if ingress not in ("direct", "proxy"):
-        raise ValueError(f"--ingress {ingress!r}: expected auto, direct or proxy")
+    if ingress not in INGRESS_MODES:
+        raise ValueError(f"--ingress {ingress!r}: expected one of {', '.join(INGRESS_MODES)}")
     return ingress
+
+
+def _bind(host: str, port: int) -> int:
+    """Bind a throwaway socket to host:port (0: any free port) and return the port bound."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        return sock.getsockname()[1]
 
 
 def check_port(host: str, port: int) -> None:
     """ValueError naming --port when host:port cannot be listened on (taken, or no such
     address), before minutes of starting Ray end in a server that never answers."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
+        _bind(host, port)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
-
-
-def _spare_port(host: str) -> int:
-    family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind(address)
-        return sock.getsockname()[1]
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -164,7 +163,7 @@ def _run(
             # address="local": a Ray of our own, never one another process on this machine runs.
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         ours_again()
-        proxy_port = _spare_port(host) if mode == "direct" else port
+        proxy_port = _bind(host, 0) if mode == "direct" else port
         serve.start(http_options={"host": host, "port": proxy_port})
         serve.run(build(asdict(settings)), name=APP_NAME, route_prefix="/", blocking=False)
         ours_again()  # in case Serve's start installed its own

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from seqeval.metrics.sequence_labeling import get_entities
+from shardtune.cluster.testkit import free_port
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py
 
@@ -44,12 +44,6 @@ def model_uri(tmp_path_factory, tiny_model_dir, s3) -> str:
     uri = f"s3://{BUCKET}/runs/serve-it/model"
     storage.upload_dir(str(out), uri, storage.StorageOptions(endpoint_url=s3.endpoint_url))
     return uri
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_uri: str, s3, log, *extra: str) -> dict:
