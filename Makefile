@@ -46,7 +46,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup
-	$(PY) bench/stream_bench.py
+	$(PY) -m bench.stream_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

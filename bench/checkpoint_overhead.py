@@ -1,7 +1,7 @@
 """Training-time overhead of checkpointing at the default frequency, as a ratio.
 
-    python bench/checkpoint_overhead.py                      # tiny BERT, 2 CPU workers, S3 on loopback
-    python bench/checkpoint_overhead.py --hidden 384 --layers 6 --epochs 3
+    python -m bench.checkpoint_overhead                      # tiny BERT, 2 CPU workers, S3 on loopback
+    python -m bench.checkpoint_overhead --hidden 384 --layers 6 --epochs 3
 
 The same job runs twice on one local Ray, data and checkpoints in S3 (moto on loopback), no eval
 set (so only checkpointing differs): once with the default `train.eval_every: epoch` (a
@@ -40,7 +40,7 @@ def main() -> int:
 
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
-    from shardtune.cluster.testkit import (
+    from tests.testkit import (
         LocalS3,
         local_ray,
         random_bert,

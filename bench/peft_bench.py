@@ -7,7 +7,7 @@ precision), storage on local disk. Per row: trainable parameters, non-pad tokens
 training steps only), peak memory of one worker (peak RSS on CPU, peak CUDA allocations on a
 GPU), bytes of one checkpoint, bytes of the export, and test micro-F1 of the exported model.
 
-    python bench/peft_bench.py [--epochs 3] [--methods none,lora,bitfit] [--out peft.json]
+    python -m bench.peft_bench [--epochs 3] [--methods none,lora,bitfit] [--out peft.json]
 
 Each method its own learning rate: --lr-full / --lr-lora / --lr-bitfit (defaults 3e-4, 5e-4,
 3e-3: 3 epochs instead of the demo's 8 need a faster rate than the demo's 1e-4). BitFit trains

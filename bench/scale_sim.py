@@ -1,7 +1,7 @@
 """Scale simulation (issue 13): the costs that used to grow with shards or ranks, measured on
 this machine before (the code at BASE, loaded from git) and after (the working tree).
 
-    python bench/scale_sim.py [--shards 10000 100000 1000000] [--ranks 256]
+    python -m bench.scale_sim [--shards 10000 100000 1000000] [--ranks 256]
 
 Measured: per-row plan lookup cost, plan build time and memory (tracemalloc peak), manifest
 bytes a rank reads per start (JSON read twice per rank vs the compact index once per node of 8),
@@ -29,7 +29,7 @@ import tracemalloc
 import types
 from pathlib import Path
 
-from shardtune.cluster.testkit import LocalS3, use_dummy_credentials
+from tests.testkit import LocalS3, use_dummy_credentials
 from shardtune.data import storage
 from shardtune.data.manifest import Manifest, ShardInfo, to_index
 from shardtune.data.shard_plan import EpochPlan

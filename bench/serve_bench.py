@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import httpx
-from shardtune.cluster.testkit import free_port
+from tests.testkit import free_port
 
 LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
 WORDS = ["alice", "went", "to", "paris", "with", "bob", "from", "acme", "corp", "and", "met", "carol", "in", "berlin", "today", "the", "umbrella", "labs", "team", "really", "likes", "oslo"]  # fmt: skip

@@ -1,7 +1,7 @@
 """Streaming benchmark: the same prepared corpus read from local files and from an S3 endpoint
 (moto's server on loopback), side by side in one process.
 
-    python bench/stream_bench.py [--examples 6000] [--shard-size 500] [--rounds 2]
+    python -m bench.stream_bench [--examples 6000] [--shard-size 500] [--rounds 2]
 
 Measures (1) the stream alone: examples/s of one rank's ShardStream over a whole epoch and the
 time it blocked on storage; (2) training: 2 Ray Train workers, a tiny random BERT, examples/s
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shardtune.cluster.testkit import (
+from tests.testkit import (
     LocalS3,
     local_ray,
     random_bert,

@@ -14,7 +14,7 @@ fraction, training seconds (steps only: no evaluation, no startup), whole-job wa
 (process start to test F1, Ray start/stop, evaluation, export included), test micro-F1 and
 the ratio of tokens/s to (a). `--ablations` adds shardtune rows with one lever off each.
 
-    python bench/vs_hf.py [--epochs 3] [--model DIR] [--data CORPUS.conll] [--ablations]
+    python -m bench.vs_hf [--epochs 3] [--model DIR] [--data CORPUS.conll] [--ablations]
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def main() -> None:
         return
 
     from shardtune.cluster.demo import corpus_path
-    from shardtune.cluster.testkit import tokenizer_dir
+    from tests.testkit import tokenizer_dir
     from shardtune.data.prepare import prepare
 
     model = args.model or tokenizer_dir()

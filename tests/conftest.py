@@ -1,12 +1,12 @@
 """Shared fixtures: a tiny randomly initialised BERT with the real MiniLM tokenizer, and a small
-synthetic-but-learnable NER corpus in CoNLL form (both built by shardtune.cluster.testkit)."""
+synthetic-but-learnable NER corpus in CoNLL form (both built by tests.testkit)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from shardtune.cluster import testkit
+from tests import testkit
 
 
 @pytest.fixture(scope="session")

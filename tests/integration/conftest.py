@@ -1,11 +1,11 @@
 """Integration tier: one S3 endpoint (moto's server on 127.0.0.1) and one local Ray per session,
-both from shardtune.cluster.testkit; shardtune's log lines set up as the CLI sets them up."""
+both from tests.testkit; shardtune's log lines set up as the CLI sets them up."""
 
 from __future__ import annotations
 
 import pytest
-from shardtune.cluster.testkit import LocalS3, use_dummy_credentials
-from shardtune.cluster.testkit import local_ray as start_local_ray
+from tests.testkit import LocalS3, use_dummy_credentials
+from tests.testkit import local_ray as start_local_ray
 from shardtune.data.logs import setup_logging
 
 BUCKET = "shardtune-it"

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from shardtune.cluster.testkit import free_port
+from tests.testkit import free_port
 
 WORLD = 2
 K_STEPS, N_STEPS = 3, 3

@@ -21,9 +21,9 @@ def test_gpu_check_cpu_smoke_writes_its_figures(tmp_path: Path) -> None:
     # The script starts its own local Ray: nothing may point it at another cluster.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+        [sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--out", str(out),
          "--workdir", str(tmp_path / "work")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
 
@@ -60,8 +60,8 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py")],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "bench.gpu_check"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "no NVIDIA GPU" in proc.stdout and "--cpu-smoke" in proc.stdout

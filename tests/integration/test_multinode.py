@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from shardtune.cluster.testkit import free_port
+from tests.testkit import free_port
 from shardtune.data import storage
 from shardtune.data.ledger import read_committed
 from shardtune.data.manifest import read_manifest

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from shardtune.cluster import testkit
-from shardtune.cluster.testkit import free_port
+from tests import testkit
+from tests.testkit import free_port
 
 from tests.integration.test_ray_job_submit import _stop_ray
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from shardtune.cluster.cli import ray_pool
-from shardtune.cluster.testkit import synthetic_sentences, write_conll
+from tests.testkit import synthetic_sentences, write_conll
 from shardtune.data import prepare as prep
 from shardtune.data.corpus import CorpusError
 

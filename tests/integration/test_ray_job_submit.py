@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from shardtune.cluster import testkit
-from shardtune.cluster.testkit import free_port
+from tests import testkit
+from tests.testkit import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shardtune.cluster.testkit import synthetic_sentences, tokenizer_dir, write_conll
+from tests.testkit import synthetic_sentences, tokenizer_dir, write_conll
 from shardtune.data.batching import group_batches, group_starts, padding_fraction
 from shardtune.data.manifest import read_manifest
 from shardtune.data.prepare import prepare

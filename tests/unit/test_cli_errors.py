@@ -184,7 +184,7 @@ def test_evaluate_zero_batch_size(tmp_path, dataset, capsys):
 
 
 def test_evaluate_dataset_of_the_other_task(tmp_path, dataset, capsys):
-    from shardtune.cluster import testkit
+    from tests import testkit
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     encoder = testkit.random_bert(tmp_path / "encoder", hidden=32, intermediate=64)

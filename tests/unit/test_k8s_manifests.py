@@ -13,7 +13,7 @@ import pytest
 import yaml
 from shardtune.cluster.config import load_job_config
 
-from k8s import validate
+from tests import k8s_validate as validate
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

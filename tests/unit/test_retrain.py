@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from shardtune.cluster import cli, testkit
+from shardtune.cluster import cli
+from tests import testkit
 from shardtune.training.model import ModelError, build_model, check_model_for_task, label_plan
 
 OLD = ["O", "B-PER", "B-MISC"]

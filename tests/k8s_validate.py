@@ -7,7 +7,7 @@ kubernetes-validate's bundled "-strict" schemas; the Prometheus Operator's PodMo
 structural schema of the fields this project uses (STRUCTURAL_SCHEMAS). Unknown fields are
 errors everywhere. Nothing needs a cluster or the network.
 
-    python k8s/validate.py k8s/*.yaml      # exit 0 valid, 1 problems, 2 unreadable input
+    python -m tests.k8s_validate k8s/*.yaml      # exit 0 valid, 1 problems, 2 unreadable input
 
 Adapted, much reduced, from the project's shared checker (shared/kuberay/validate.py).
 It cannot see what only a live operator checks: typos inside `rayStartParams` or inside
@@ -34,7 +34,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-CRD_DIR = Path(__file__).resolve().parent / "crds"
+CRD_DIR = Path(__file__).resolve().parents[1] / "k8s" / "crds"
 # The operator's own limits (KubeRay v1.7.0 ray-operator/controllers/ray/utils/constant.go).
 RAY_NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
