@@ -12,8 +12,8 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from shardtune.data import corpus, hf_corpus, storage
@@ -143,6 +143,16 @@ def expand_inputs(inputs: list[str], options: storage.StorageOptions | None = No
 
 
 _Source = tuple[str, "str | None"]  # (input URI, split of a DatasetDict input or None)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class Pool(Protocol):
+    """Runs a pass's work items: map(fn, items) -> results in item order. The builtin `map`
+    (the default: one process, lazily, item after item), an executor's `map`, or
+    cluster/cli.py's ray_pool (`prepare --ray`: one Ray task per item)."""
+
+    def __call__(self, fn: Callable[[_T], _R], items: list[_T], /) -> Iterable[_R]: ...
 
 
 def prepare(
@@ -173,11 +183,10 @@ def prepare(
 
     The corpus is read twice so it need not fit in memory: pass 1 validates everything (and
     counts each split's examples) and raises one CorpusError before anything is written; pass 2
-    hashes again and writes the shards, holding at most one shard's rows per split. Both passes
-    log progress every PROGRESS_SECONDS.
-
-    `pool` (cluster/cli.py's Ray map for `prepare --ray`) runs both passes one task per input
-    file, in parallel, with the same output byte for byte (see _parallel_survey/_parallel_write).
+    hashes again and writes the shards. Each pass is one work item per source (an input file,
+    or a split of a DatasetDict) run by `pool` (default: the builtin map, in this process); an
+    item's ids and shard positions follow from pass 1's counts, so any pool writes the same
+    bytes. Both passes log progress every PROGRESS_SECONDS.
     """
     spec = get_task(task)
     shard_sizes(1, shards, shard_size)  # argument errors before any reading
@@ -186,66 +195,59 @@ def prepare(
     streams = _streams(expand_inputs(inputs, options), split, fmt, options)
     if append and any(streams):
         raise corpus.CorpusError(["--append takes corpus files, not a DatasetDict with splits"])
-    parallel = pool is not None and list(streams) == [""]  # a DatasetDict: one process
-    if pool is not None and not parallel:
-        log.info("prepare: a DatasetDict input is read in this process")
-    if parallel:
-        counts, labels, notes, per_file = _parallel_survey(spec, streams[""], options, fmt, split, seed, pool)  # fmt: skip
-    else:
-        counts, labels, notes = _survey(spec, streams, options, fmt, split, seed)
+    job = _Job(task, fmt, options, split, seed, _Progress("validating"))
+    counts, labels, notes = _survey(job, streams, pool or map)
     previous = _previous(output, split, seed, labels, options) if append else {}
-    id_base = sum(m.num_examples for m in previous.values())
-
-    def writer(uri: str, count: int, dataset_notes: dict, sources: list[_Source],
-               part: str) -> _DatasetWriter:  # fmt: skip
-        sizes = shard_sizes(count, shards, shard_size) if count else []
-        source_uris = list(dict.fromkeys(uri for uri, _ in sources))
-        return _DatasetWriter(uri, spec, sizes, labels, source_uris, dataset_notes, options,
-                              previous=previous.get(part))  # fmt: skip
-
-    plans: list[_Plan] = []
+    plans = []
     for name, sources in streams.items():
-        n = sum(counts[name])
-        if split:
-            sizes = counts[name]
-            if not append:
-                empty = [part for part, size in zip(split, sizes, strict=True) if size == 0]
-                if empty:
-                    raise corpus.CorpusError([
-                        f"split {empty} would get no examples out of {n}; use fewer splits, "
-                        "larger fractions or more data"
-                    ])  # fmt: skip
-            part_notes = {"split_fractions": split, "seed": seed, "split_rule": SPLIT_RULE}
-            writers = {
-                part: writer(storage.join(output, part), int(size),
-                             {**notes, "split": part, **part_notes}, sources, part)
-                for part, size in zip(split, sizes, strict=True)
-            }  # fmt: skip
-            route = _hash_route(spec, split, seed)
-        elif name:  # a split the input brought (DatasetDict)
-            given_notes = {**notes, "split": name, "source_split": sources[0][1]}
-            writers = {name: writer(storage.join(output, name), n, given_notes, sources, name)}
-            route = _one_route
-        else:
-            writers = {"": writer(output, n, notes, sources, "")}
-            route = _one_route
-        plans.append(_Plan(sources, n, route, writers))
-    if parallel:
-        _parallel_write(spec, plans[0], per_file, options, fmt, split, seed, id_base, pool)  # type: ignore[arg-type]
-    else:
-        _write(spec, plans, options, fmt, id_base)
-    return {name: w.finish() for plan in plans for name, w in plan.writers.items()}
+        part_counts = [sum(c) for c in zip(*counts[name], strict=True)]
+        parts = _part_notes(name, sources, part_counts, split, seed, notes, append)
+        uris = list(dict.fromkeys(uri for uri, _ in sources))
+        datasets = {}
+        for (part, part_notes), n in zip(parts.items(), part_counts, strict=True):
+            uri = storage.join(output, part) if part else output
+            sizes = shard_sizes(n, shards, shard_size)
+            old = previous.get(part)
+            datasets[part] = _Dataset(uri, spec, sizes, labels, uris, part_notes, options, old)
+        plans.append(_StreamPlan(sources, counts[name], datasets))
+    base = sum(m.num_examples for m in previous.values())
+    _write(replace(job, progress=_Progress("writing")), plans, base, pool or map)
+    return {name: dataset.finish() for plan in plans for name, dataset in plan.datasets.items()}
 
 
 SPLIT_RULE = "blake2b(content, key=seed)"  # in split manifests' notes: how parts were drawn
 
 
-def _hash_route(spec: TaskSpec, split: dict[str, float], seed: int) -> Callable[[Any], int]:
+def _route(spec: TaskSpec, split: dict[str, float] | None, seed: int) -> Callable[[Any], int]:
+    """example -> index of the dataset (split part) it goes to; 0 without `split`."""
+    if split is None:
+        return lambda example: 0
     return lambda example: split_of(example_key(spec, example), split, seed)
 
 
-def _one_route(example: Any) -> int:
-    return 0
+def _part_notes(
+    name: str,
+    sources: list[_Source],
+    counts: list[int],
+    split: dict[str, float] | None,
+    seed: int,
+    notes: dict,
+    append: bool,
+) -> dict[str, dict]:
+    """{dataset name: its manifest notes} of one stream: a part per split fraction, the split a
+    DatasetDict brought, or "" (the output itself)."""
+    if name:
+        return {name: {**notes, "split": name, "source_split": sources[0][1]}}
+    if split is None:
+        return {"": notes}
+    empty = [part for part, n in zip(split, counts, strict=True) if n == 0]
+    if empty and not append:
+        raise corpus.CorpusError([
+            f"split {empty} would get no examples out of {sum(counts)}; use fewer splits, "
+            "larger fractions or more data"
+        ])  # fmt: skip
+    drawn = {"split_fractions": split, "seed": seed, "split_rule": SPLIT_RULE}
+    return {part: {**notes, "split": part, **drawn} for part in split}
 
 
 def _previous(
@@ -285,73 +287,224 @@ def _previous(
     return found
 
 
+class _Progress:
+    """Logs one line per PROGRESS_SECONDS while examples are read (count and rate), and a
+    summary line at the end; a large corpus would otherwise be silent for minutes. A copy sent
+    to another process (a pool's worker) starts afresh and counts what that process reads."""
+
+    def __init__(self, phase: str, clock: Callable[[], float] = time.monotonic):
+        self.phase, self.clock, self.count = phase, clock, 0
+        self.start = self.last = clock()
+
+    def __getstate__(self) -> dict:
+        return {"phase": self.phase, "clock": self.clock}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["phase"], state["clock"])
+
+    def tick(self) -> None:
+        self.count += 1
+        now = self.clock()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            log.info(
+                "%s: %d examples read (%s/s)", self.phase, self.count, self._rate(self.count, now)
+            )
+
+    def done(self, count: int) -> None:
+        """The summary line: `count` examples read by every process of the pass."""
+        now = self.clock()
+        elapsed, rate = now - self.start, self._rate(count, now)
+        log.info("%s: done, %d examples in %.1f s (%s/s)", self.phase, count, elapsed, rate)
+
+    def _rate(self, count: int, now: float) -> str:
+        elapsed = now - self.start
+        return f"{count / elapsed:,.0f}" if elapsed > 0 else "-"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every work item of a pass shares. The builtin map hands each item this one object
+    (so one progress meter counts the whole pass); a pool pickles a copy per item."""
+
+    task: str
+    fmt: str | None
+    options: storage.StorageOptions | None
+    split: dict[str, float] | None
+    seed: int
+    progress: _Progress
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A dataset as pass 2's items see it: where its shards go and how many rows each has."""
+
+    uri: str
+    version: int
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One source's work in a pass; pass 2 adds where its examples land: its first id, per part
+    the index within the part of its first example there, pass 1's counts and the parts."""
+
+    job: _Job
+    uri: str
+    given_split: str | None  # the split of a DatasetDict input
+    id_start: int = 0
+    part_starts: tuple[int, ...] = ()
+    expected: tuple[int, ...] = ()
+    parts: tuple[_Part, ...] = ()
+
+
 @dataclass
-class _Plan:
-    """Where pass 2 sends each example of one stream."""
+class _Found:
+    """What one item's pass 1 found: examples per part, labels, problems (file:line)."""
+
+    counts: list[int]
+    labels: list[str]
+    problems: list[str]
+    conversions: dict[str, int]
+
+
+@dataclass
+class _Written:
+    """What one item's pass 2 did: examples per part, shards written (part, k, info), the
+    rows of shards it shares with neighbouring items (part, k, rows), problems."""
+
+    counts: list[int]
+    problems: list[str]
+    shards: list[tuple[int, int, ShardInfo]] = field(default_factory=list)
+    pieces: list[tuple[int, int, list[dict]]] = field(default_factory=list)
+
+
+@dataclass
+class _StreamPlan:
+    """One stream's sources, pass 1's counts per source and part, and its datasets by name."""
 
     sources: list[_Source]
-    num_examples: int  # what pass 1 counted
-    route: Callable[[Any], int]  # example -> index into `writers`
-    writers: dict[str, _DatasetWriter]  # by dataset name ("" for `output` itself)
+    counts: list[list[int]]
+    datasets: dict[str, _Dataset]
+
+
+def _read(spec: TaskSpec, item: _Item, report: corpus.ReadReport) -> Iterator:
+    job = item.job
+    for example in spec.read(item.uri, job.options, job.fmt, report, item.given_split):
+        job.progress.tick()
+        yield example
+
+
+def _survey_source(item: _Item) -> _Found:
+    """Pass 1 over one source."""
+    job, spec = item.job, get_task(item.job.task)
+    report, route = corpus.ReadReport(), _route(spec, job.split, job.seed)
+    counts = [0] * (len(job.split) if job.split else 1)
+    labels: set[str] = set()
+    for example in _read(spec, item, report):
+        counts[route(example)] += 1
+        labels.update(spec.example_labels(example))
+    return _Found(counts, sorted(labels), report.problems, dict(report.conversions))
 
 
 def _survey(
-    spec: TaskSpec,
-    streams: dict[str, list[_Source]],
-    options: storage.StorageOptions | None,
-    fmt: str | None,
-    split: dict[str, float] | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, list[int]], list[str], dict]:
-    """Pass 1: examples per stream (per split part with `split`), the sorted label set of all
-    streams and the manifest notes, or one CorpusError with every problem."""
-    report = corpus.ReadReport()
-    labels: set[str] = set(spec.implicit_labels)
-    counts: dict[str, list[int]] = {}
-    route = _hash_route(spec, split, seed) if split else _one_route
-    with _Progress("validating") as progress:
-        for name, sources in streams.items():
-            counts[name] = [0] * (len(split) if split else 1)
-            for example in _examples(spec, sources, options, fmt, report, progress):
-                counts[name][route(example)] += 1
-                labels.update(spec.example_labels(example))
-    if not report.problems:
-        for name, count in counts.items():
-            if sum(count) == 0:
-                where = [f"{uri}[{split}]" if split else uri for uri, split in streams[name]]
-                report.problems.append(f"no examples in {where}")
+    job: _Job, streams: dict[str, list[_Source]], pool: Pool
+) -> tuple[dict[str, list[list[int]]], list[str], dict]:
+    """Pass 1: counts per stream, source and part, the sorted label set of all streams and the
+    manifest notes, or one CorpusError with every problem (in input order)."""
+    spec = get_task(job.task)
+    items = [_Item(job, uri, given) for sources in streams.values() for uri, given in sources]
+    report, labels, found = corpus.ReadReport(), set(spec.implicit_labels), []
+    for result in pool(_survey_source, items):
+        report.problems += result.problems
+        report.conversions.update(result.conversions)
+        labels.update(result.labels)
+        found.append(result.counts)
+    counts = {}
+    for name, sources in streams.items():
+        counts[name], found = found[: len(sources)], found[len(sources) :]
+        if not report.problems and not any(map(sum, counts[name])):
+            where = [f"{uri}[{given}]" if given else uri for uri, given in sources]
+            report.problems.append(f"no examples in {where}")
     report.raise_if_problems()
+    job.progress.done(sum(sum(map(sum, c)) for c in counts.values()))
     return counts, sorted(labels), spec.notes(report.conversions)
 
 
-def _write(
-    spec: TaskSpec,
-    plans: list[_Plan],
-    options: storage.StorageOptions | None,
-    fmt: str | None,
-    id_base: int = 0,
-) -> None:
-    """Pass 2: read every stream again and hand each example to its writer; no manifest is
-    written here, so on any error what is on disk reads as an unfinished prepare (or, when
-    appending, as the previous version: its manifest still names only the old shards)."""
+def _write_source(item: _Item) -> _Written:
+    """Pass 2 over one source: a shard that lies wholly inside it is written here; the rows of
+    a shard it shares with its neighbours come back as a piece. An item holds at most two
+    shards' rows per part (the piece it began with and the shard it is filling)."""
+    job, spec = item.job, get_task(item.job.task)
+    report, route = corpus.ReadReport(), _route(spec, job.split, job.seed)
+    ends = [np.cumsum(part.sizes) for part in item.parts]  # one past each shard's last index
+    starts = item.part_starts
+    k = [int(np.searchsorted(e, s, side="right")) for e, s in zip(ends, starts, strict=True)]
+    rows: list[list[dict]] = [[] for _ in item.parts]
+    out = _Written([0] * len(item.parts), report.problems)
+    for id_, example in enumerate(_read(spec, item, report), start=item.id_start):
+        p = route(example)
+        out.counts[p] += 1
+        if out.counts[p] > item.expected[p]:
+            break  # more than pass 1 read: the caller reports the change
+        rows[p].append(spec.to_row(id_, example))
+        if starts[p] + out.counts[p] == ends[p][k[p]]:  # shard k[p] ends here
+            part = item.parts[p]
+            if len(rows[p]) == part.sizes[k[p]]:
+                info = _write_shard(spec, part.uri, part.version, k[p], rows[p], job.options)
+                out.shards.append((p, k[p], info))
+            else:
+                out.pieces.append((p, k[p], rows[p]))
+            rows[p], k[p] = [], k[p] + 1
+    out.pieces += [(p, k[p], rows[p]) for p in range(len(rows)) if rows[p]]
+    return out
+
+
+def _write(job: _Job, plans: list[_StreamPlan], id_base: int, pool: Pool) -> None:
+    """Pass 2: every source again, as items whose ids and part indices continue exactly as one
+    reader's would; here the pieces of shards that straddle two items are joined and written
+    (with the builtin map, one item's result at a time, so memory stays a few shards per part).
+    No manifest is written here, so on any error what is on disk reads as an unfinished
+    prepare (or, when appending, as the previous version: its manifest names only old shards)."""
+    spec, items = get_task(job.task), []
     for plan in plans:
-        for writer in plan.writers.values():
-            writer.clear_previous()
-    report = corpus.ReadReport()
-    with _Progress("writing") as progress:
-        for plan in plans:
-            writers = list(plan.writers.values())
-            seen = 0
-            examples = _examples(spec, plan.sources, options, fmt, report, progress)
-            for seen, example in enumerate(examples, start=1):
-                if seen > plan.num_examples:
-                    break
-                writers[plan.route(example)].add(spec.to_row(id_base + seen - 1, example))
-            report.raise_if_problems()
-            if seen != plan.num_examples:
-                found = "more" if seen > plan.num_examples else str(seen)
-                changed = f"first read {plan.num_examples} examples, then {found}"
-                raise corpus.CorpusError([f"inputs changed while preparing: {changed}"])
+        datasets = list(plan.datasets.values())
+        for dataset in datasets:
+            dataset.clear_previous()
+        parts = tuple(_Part(d.uri, d.version, tuple(d.sizes)) for d in datasets)
+        id_start, starts = id_base, [0] * len(parts)
+        for (uri, given), counts in zip(plan.sources, plan.counts, strict=True):
+            items.append(_Item(job, uri, given, id_start, tuple(starts), tuple(counts), parts))
+            id_start += sum(counts)
+            starts = [a + b for a, b in zip(starts, counts, strict=True)]
+    shards: dict[str, dict[int, ShardInfo]] = {}
+    held: dict[tuple[str, int], list[dict]] = {}  # rows of a straddling shard, by (uri, k)
+    problems: list[str] = []
+    for item, result in zip(items, pool(_write_source, items), strict=True):
+        problems += result.problems
+        if tuple(result.counts) != item.expected:
+            more = any(n > e for n, e in zip(result.counts, item.expected, strict=True))
+            problems.append(
+                f"inputs changed while preparing: {item.uri} first read "
+                f"{sum(item.expected)} examples, then {'more' if more else sum(result.counts)}"
+            )
+        if problems:
+            continue  # keep reading every item's problems; write nothing more
+        for p, k, info in result.shards:
+            shards.setdefault(item.parts[p].uri, {})[k] = info
+        for p, k, rows in result.pieces:
+            part = item.parts[p]
+            rows = held.pop((part.uri, k), []) + rows
+            if len(rows) < part.sizes[k]:
+                held[part.uri, k] = rows
+            else:
+                info = _write_shard(spec, part.uri, part.version, k, rows, job.options)
+                shards.setdefault(part.uri, {})[k] = info
+    corpus.ReadReport(problems).raise_if_problems()
+    job.progress.done(sum(sum(item.expected) for item in items))
+    for plan in plans:
+        for dataset in plan.datasets.values():
+            dataset.shards = [shards.get(dataset.uri, {})[k] for k in range(len(dataset.sizes))]
 
 
 def _streams(
@@ -390,204 +543,14 @@ def _streams(
     return {name: [(dicts[0], theirs)] for name, theirs in given.items()}
 
 
-def _examples(
+def _write_shard(
     spec: TaskSpec,
-    sources: list[_Source],
+    uri: str,
+    version: int,
+    k: int,
+    rows: list[dict],
     options: storage.StorageOptions | None,
-    fmt: str | None,
-    report: corpus.ReadReport,
-    progress: _Progress,
-) -> Iterator:
-    for uri, split in sources:
-        for example in spec.read(uri, options, fmt, report, split):
-            progress.tick()
-            yield example
-
-
-class _Progress:
-    """Logs one line per PROGRESS_SECONDS while examples are read (count and rate), and a
-    summary line at the end; a large corpus would otherwise be silent for minutes."""
-
-    def __init__(self, phase: str, clock: Callable[[], float] = time.monotonic):
-        self.phase, self.clock, self.count = phase, clock, 0
-        self.start = self.last = clock()
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def tick(self) -> None:
-        self.count += 1
-        now = self.clock()
-        if now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            log.info("%s: %d examples read (%s/s)", self.phase, self.count, self._rate(now))
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            now = self.clock()
-            log.info("%s: done, %d examples in %.1f s (%s/s)", self.phase, self.count,
-                     now - self.start, self._rate(now))  # fmt: skip
-
-    def _rate(self, now: float) -> str:
-        elapsed = now - self.start
-        return f"{self.count / elapsed:,.0f}" if elapsed > 0 else "-"
-
-
-Pool = Callable[[Callable[[Any], Any], list], list]  # map(fn, items) -> results in order
-
-
-@dataclass(frozen=True)
-class _FileWork:
-    """One input file's share of a parallel prepare (what a task needs, nothing else)."""
-
-    task: str
-    uri: str
-    fmt: str | None
-    options: storage.StorageOptions | None
-    split: dict[str, float] | None
-    seed: int
-    # pass 2 only: the file's first id, and per split part its first index within the part,
-    # the part's dataset URI, manifest version and shard sizes
-    id_start: int = 0
-    part_starts: tuple[int, ...] = ()
-    parts: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
-    expected: tuple[int, ...] = ()
-
-
-def _survey_file(work: _FileWork) -> dict:
-    """Pass 1 over one file: examples per part, labels, problems (file:line), conversions."""
-    spec = get_task(work.task)
-    report = corpus.ReadReport()
-    route = _hash_route(spec, work.split, work.seed) if work.split else _one_route
-    counts = [0] * (len(work.split) if work.split else 1)
-    labels: set[str] = set()
-    for example in spec.read(work.uri, work.options, work.fmt, report, None):
-        counts[route(example)] += 1
-        labels.update(spec.example_labels(example))
-    return {"counts": counts, "labels": sorted(labels), "problems": report.problems,
-            "conversions": dict(report.conversions)}  # fmt: skip
-
-
-def _parallel_survey(
-    spec: TaskSpec,
-    sources: list[_Source],
-    options: storage.StorageOptions | None,
-    fmt: str | None,
-    split: dict[str, float] | None,
-    seed: int,
-    pool: Pool,
-) -> tuple[dict[str, list[int]], list[str], dict, list[list[int]]]:
-    """Pass 1 as one task per file, merged in input order: the same counts, labels, notes and
-    problems (in the same order) as _survey, plus each file's counts per part for pass 2."""
-    t0 = time.monotonic()
-    work = [_FileWork(spec.name, uri, fmt, options, split, seed) for uri, _ in sources]
-    results = pool(_survey_file, work)
-    report = corpus.ReadReport()
-    labels = set(spec.implicit_labels)
-    for r in results:
-        report.problems += r["problems"]
-        report.conversions.update(r["conversions"])
-        labels.update(r["labels"])
-    per_file = [r["counts"] for r in results]
-    total = [sum(c) for c in zip(*per_file, strict=True)]
-    if not report.problems and sum(total) == 0:
-        report.problems.append(f"no examples in {[uri for uri, _ in sources]}")
-    report.raise_if_problems()
-    log.info("validating: done, %d examples in %d file(s) in %.1f s (parallel)", sum(total),
-             len(sources), time.monotonic() - t0)  # fmt: skip
-    return {"": total}, sorted(labels), spec.notes(report.conversions), per_file
-
-
-def _write_file(work: _FileWork) -> dict:
-    """Pass 2 over one file: shards that lie wholly inside it are written here; the rows of a
-    shard it shares with the neighbouring files come back as a piece (at most two shards' rows
-    per part), so a task holds at most one shard per part in memory."""
-    spec = get_task(work.task)
-    report = corpus.ReadReport()
-    route = _hash_route(spec, work.split, work.seed) if work.split else _one_route
-    starts = [np.concatenate(([0], np.cumsum(sizes))) for _, _, sizes in work.parts]
-    seen = [0] * len(work.parts)
-    open_: list[tuple[int, int, list[dict]] | None] = [None] * len(work.parts)  # (k, first, rows)
-    shards: list[tuple[int, int, ShardInfo]] = []
-    pieces: list[tuple[int, int, int, list[dict]]] = []
-
-    def close(p: int) -> None:
-        if open_[p] is None:
-            return
-        k, first, rows = open_[p]  # type: ignore[misc]
-        uri, version, sizes = work.parts[p]
-        if first == int(starts[p][k]) and len(rows) == sizes[k]:
-            shards.append((p, k, _write_shard(spec, uri, version, k, rows, work.options)))
-        else:
-            pieces.append((p, k, first, rows))
-        open_[p] = None
-
-    n = 0
-    for n, example in enumerate(spec.read(work.uri, work.options, work.fmt, report, None), 1):
-        p = route(example)
-        j = work.part_starts[p] + seen[p]  # index of the example within its part
-        seen[p] += 1
-        k = int(np.searchsorted(starts[p], j, side="right")) - 1
-        if open_[p] is not None and open_[p][0] != k:  # type: ignore[index]
-            close(p)
-        if open_[p] is None:
-            open_[p] = (k, j, [])
-        open_[p][2].append(spec.to_row(work.id_start + n - 1, example))  # type: ignore[index]
-    for p in range(len(work.parts)):
-        close(p)
-    return {"shards": shards, "pieces": pieces, "problems": report.problems, "counts": seen}
-
-
-def _parallel_write(
-    spec: TaskSpec,
-    plan: _Plan,
-    per_file: list[list[int]],
-    options: storage.StorageOptions | None,
-    fmt: str | None,
-    split: dict[str, float] | None,
-    seed: int,
-    id_base: int,
-    pool: Pool,
-) -> None:
-    """Pass 2 as one task per file: ids and part indices continue across files exactly as one
-    process would number them, so shards and manifests are the same bytes; the driver joins
-    the pieces of the shards that straddle two files and writes them."""
-    t0 = time.monotonic()
-    writers = list(plan.writers.values())
-    for writer in writers:
-        writer.clear_previous()
-    parts = tuple((w.uri, w.version, tuple(w.sizes)) for w in writers)
-    work, id_start, part_starts = [], id_base, [0] * len(writers)
-    for (uri, _), counts in zip(plan.sources, per_file, strict=True):
-        work.append(_FileWork(spec.name, uri, fmt, options, split, seed, id_start,
-                              tuple(part_starts), parts, tuple(counts)))  # fmt: skip
-        id_start += sum(counts)
-        part_starts = [a + b for a, b in zip(part_starts, counts, strict=True)]
-    results = pool(_write_file, work)
-    report = corpus.ReadReport()
-    infos: list[dict[int, ShardInfo]] = [{} for _ in writers]
-    pieces: dict[tuple[int, int], list[tuple[int, list[dict]]]] = {}
-    for w, r in zip(work, results, strict=True):
-        report.problems += r["problems"]
-        if tuple(r["counts"]) != w.expected:
-            raise corpus.CorpusError([f"inputs changed while preparing: {w.uri} first read "
-                                      f"{sum(w.expected)} examples, then {sum(r['counts'])}"])  # fmt: skip
-        for p, k, info in r["shards"]:
-            infos[p][k] = info
-        for p, k, first, rows in r["pieces"]:
-            pieces.setdefault((p, k), []).append((first, rows))
-    report.raise_if_problems()
-    for (p, k), got in sorted(pieces.items()):
-        rows = [row for _, chunk in sorted(got, key=lambda g: g[0]) for row in chunk]
-        uri, version, _ = parts[p]
-        infos[p][k] = _write_shard(spec, uri, version, k, rows, options)
-    for writer, found in zip(writers, infos, strict=True):
-        writer.shards = [found[k] for k in range(len(writer.sizes))]
-    log.info("writing: done, %d file(s) in %.1f s (parallel)", len(work), time.monotonic() - t0)
-
-
-def _write_shard(spec: TaskSpec, uri: str, version: int, k: int, rows: list[dict],
-                 options: storage.StorageOptions | None) -> ShardInfo:  # fmt: skip
+) -> ShardInfo:
     """Shard k of a dataset version: Parquet bytes, written, described for the manifest.
     Version 1 keeps the historic names; later versions' shards get their own names, so an
     append can never overwrite a shard an older manifest vouches for."""
@@ -611,30 +574,24 @@ def _shard_bytes(spec: TaskSpec, rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-class _DatasetWriter:
-    """Writes one prepared dataset (or, with `previous`, its next version): shards as their rows
-    arrive in id order, manifest last."""
+@dataclass
+class _Dataset:
+    """One prepared dataset (or, with `previous`, its next version): cleared before pass 2,
+    given its shards by it, its manifest written last."""
 
-    def __init__(
-        self,
-        uri: str,
-        spec: TaskSpec,
-        sizes: list[int],
-        labels: list[str],
-        sources: list[str],
-        notes: dict,
-        options: storage.StorageOptions | None,
-        previous: Manifest | None = None,
-    ):
-        self.uri, self.spec, self.sizes, self.options = uri, spec, sizes, options
-        self.labels, self.sources, self.notes = labels, sources, notes
-        self.previous = previous
-        self.version = previous.version + 1 if previous else 1
-        self.rows: list[dict] = []
-        self.shards: list[ShardInfo] = []
+    uri: str
+    spec: TaskSpec
+    sizes: list[int]
+    labels: list[str]
+    sources: list[str]
+    notes: dict
+    options: storage.StorageOptions | None
+    previous: Manifest | None = None
+    shards: list[ShardInfo] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return sum(self.sizes)
+    @property
+    def version(self) -> int:
+        return self.previous.version + 1 if self.previous else 1
 
     def clear_previous(self) -> None:
         if self.previous is not None:
@@ -648,25 +605,13 @@ class _DatasetWriter:
             ):
                 storage.remove(storage.join(self.uri, name), self.options)
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) == self.sizes[len(self.shards)]:
-            self._flush()
-
-    def _flush(self) -> None:
-        k = len(self.shards)
-        self.shards.append(
-            _write_shard(self.spec, self.uri, self.version, k, self.rows, self.options)
-        )
-        self.rows = []
-
     def finish(self) -> Manifest:
-        assert not self.rows and len(self.shards) == len(self.sizes), "shard plan not met"
+        assert len(self.shards) == len(self.sizes), "shard plan not met"
         old = self.previous
         manifest = Manifest(
             task=self.spec.name,
             labels=old.labels if old else self.labels,
-            num_examples=len(self) + (old.num_examples if old else 0),
+            num_examples=sum(self.sizes) + (old.num_examples if old else 0),
             num_tokens=sum(s.num_tokens for s in self.shards) + (old.num_tokens if old else 0),
             shards=(list(old.shards) if old else []) + self.shards,
             sources=list(dict.fromkeys((old.sources if old else []) + self.sources)),
@@ -674,6 +619,8 @@ class _DatasetWriter:
             version=self.version,
         )
         write_manifest(self.uri, manifest, self.options)
-        log.info("prepared %s: %d examples, %d shards (version %d, %d new shards)", self.uri,
-                 manifest.num_examples, len(manifest.shards), self.version, len(self.shards))  # fmt: skip
+        shape = (manifest.num_examples, len(manifest.shards), self.version, len(self.shards))
+        log.info(
+            "prepared %s: %d examples, %d shards (version %d, %d new shards)", self.uri, *shape
+        )
         return manifest

@@ -379,3 +379,131 @@ def test_versions_and_index_accompany_the_manifest(tmp_path):
     compact = from_index((out / INDEX).read_bytes())
     assert list(compact.shards) == m.shards and compact.shard_sizes() == m.shard_sizes()
     assert read_manifest_compact(str(out)).to_json() == m.to_json()
+
+
+# ---------------------------------------------------------------------------- one path, any pool
+# `prepare --ray` is the same two passes run on a pool of Ray tasks (cluster/cli.py's ray_pool);
+# an executor's map stands in for it here, so no Ray is needed to show the outputs agree.
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _classify_jsonl(path: Path, n: int, salt: str) -> str:
+    rows = [{"text": f"{salt} text {i} " + "x " * (i % 4), "label": "abc"[i % 3]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _inputs(root: Path, task: str, sizes: list[int], salt: str = "p") -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    if task == "classify":
+        return [
+            _classify_jsonl(root / f"{salt}{i}.jsonl", n, salt + str(i))
+            for i, n in enumerate(sizes)
+        ]
+    sentences = ner_sentences(sum(sizes))
+    out, start = [], 0
+    for i, n in enumerate(sizes):  # CoNLL and JSONL alternating, each file its own sentences
+        chunk = [([f"{salt}{i}", *t], ["O", *g]) for t, g in sentences[start : start + n]]
+        write = write_conll if i % 2 else write_ner_jsonl
+        out.append(write(root / f"{salt}{i}.{'conll' if i % 2 else 'jsonl'}", chunk))
+        start += n
+    return out
+
+
+@pytest.fixture(params=["threads", "processes"])
+def pool(request):
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    executor = ThreadPoolExecutor(3) if request.param == "threads" else ProcessPoolExecutor(2)
+    with executor:
+        yield executor.map
+
+
+@pytest.mark.parametrize("task", ["ner", "classify"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"split": SPLIT, "shard_size": 7, "seed": 3},  # shards straddle files
+        {"shards": 4},  # no split: one dataset
+        {"shard_size": 50},  # one shard spans every file
+    ],
+)
+def test_a_pool_writes_what_one_process_writes(tmp_path, pool, task, layout):
+    files = _inputs(tmp_path / "in", task, [23, 5, 1, 31])
+    one, many = tmp_path / "one", tmp_path / "many"
+
+    serial = prep.prepare(task, files, str(one), **layout)
+    parallel = prep.prepare(task, files, str(many), pool=pool, **layout)
+
+    assert parallel == serial
+    assert _tree(many) == _tree(one)
+    assert sum(m.num_examples for m in serial.values()) == 60
+    # an append through the pool continues ids and versions as one process does
+    more = _inputs(tmp_path / "more", task, [9, 12], salt="m")
+    prep.prepare(task, more, str(one), append=True, **layout)
+    prep.prepare(task, more, str(many), append=True, pool=pool, **layout)
+    assert _tree(many) == _tree(one)
+    assert read_manifest(str(many / "train" if "split" in layout else many)).version == 2
+
+
+@pytest.mark.parametrize("task", ["ner", "classify"])
+def test_a_bad_line_is_the_same_error_through_a_pool_and_nothing_is_written(tmp_path, pool, task):
+    files = _inputs(tmp_path / "in", task, [10, 10, 10])
+    bad = Path(files[1])
+    lines = bad.read_text().splitlines(keepends=True)
+    if task == "classify":
+        lines[3] = '{"text": "no label"}\n'
+    else:  # a CoNLL file: a token line without a tag
+        lines[2] = "lonely\n"
+    bad.write_text("".join(lines))
+    out = tmp_path / "out"
+
+    with pytest.raises(CorpusError) as one:
+        prep.prepare(task, files, str(out), split=SPLIT)
+    with pytest.raises(CorpusError) as many:
+        prep.prepare(task, files, str(out), split=SPLIT, pool=pool)
+
+    assert many.value.problems == one.value.problems
+    assert [p.split(": ")[0] for p in one.value.problems] == [f"{bad}:{3 if task == 'ner' else 4}"]
+    assert not out.exists()
+
+
+def test_an_input_that_changes_between_the_passes_is_an_error(tmp_path):
+    files = _inputs(tmp_path / "in", "ner", [4, 4])
+    calls = []
+
+    def pool(fn, items):  # grows the second file after pass 1 has counted it
+        calls.append(fn)
+        if len(calls) == 2:
+            write_conll(Path(files[1]), ner_sentences(6))
+        return map(fn, items)
+
+    changed = f"inputs changed while preparing: {files[1]} first read 4 examples, then more"
+    with pytest.raises(CorpusError, match=changed):
+        prep.prepare("ner", files, str(tmp_path / "out"), pool=pool)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_a_dataset_dict_runs_one_item_per_split_on_a_pool(tmp_path, pool):
+    import datasets
+
+    def part(n: int, word: str) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"tokens": [[f"{word}{i}", "Oslo"] for i in range(n)], "ner_tags": [["O", "B-LOC"]] * n}
+        )
+
+    dd = tmp_path / "dd"
+    datasets.DatasetDict(
+        train=part(9, "t"), validation=part(4, "v"), test=part(3, "s")
+    ).save_to_disk(str(dd))
+    one, many = tmp_path / "one", tmp_path / "many"
+
+    serial = prep.prepare("ner", [str(dd)], str(one), shard_size=2)
+    assert prep.prepare("ner", [str(dd)], str(many), shard_size=2, pool=pool) == serial
+    assert list(serial) == ["train", "dev", "test"]
+    assert _tree(many) == _tree(one)
