@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration test-slow lint format bench clean
+.PHONY: setup demo test test-unit test-integration test-slow typecheck docs docs-build lint format bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) launch.py
 
-# The README's test command: unit, then integration (local Ray + S3 on loopback), then slow.
-test: setup
+# The README's test command (and CI's, .ci/run): the quick checks first (type check, docs build:
+# well under a minute together), then unit, integration (local Ray + S3 on loopback), slow.
+test: setup typecheck docs-build
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 	$(PY) -m pytest tests/integration -q -x $(PYTEST_ARGS)
 	$(PY) -m pytest tests/slow -q -x $(PYTEST_ARGS)
@@ -45,8 +46,26 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# mypy over the installed package's modules ([tool.mypy] in pyproject.toml). mypy names modules
+# by folder, and the package's folder is the repository root: build/typecheck/shardtune links to
+# it so that files are checked as shardtune.data..., the names their imports use.
+typecheck: setup
+	mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/shardtune
+	$(VENV)/bin/mypy
+
+# The guide (docs/, mkdocs.yml): `make docs` serves it with live reload; `make docs-build` writes
+# site/ and fails on any warning (a broken link, a missing bench table, a page left out of nav).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+docs: setup
+	$(MKDOCS) serve
+
+docs-build: setup
+	$(MKDOCS) build --strict --quiet
+
+# One short benchmark (a few minutes); it writes docs/bench/stream_bench.md. The others, and what
+# they take: docs/benchmarks.md.
 bench: setup
 	$(PY) -m bench.stream_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache site build/typecheck build/mypy_cache

@@ -40,6 +40,11 @@ def main() -> int:
 
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
+    from shardtune.data.logs import setup_logging
+    from shardtune.data.prepare import prepare
+    from shardtune.data.storage import StorageOptions
+
+    from bench.results import publish
     from tests.testkit import (
         LocalS3,
         local_ray,
@@ -48,9 +53,6 @@ def main() -> int:
         use_dummy_credentials,
         write_conll,
     )
-    from shardtune.data.logs import setup_logging
-    from shardtune.data.prepare import prepare
-    from shardtune.data.storage import StorageOptions
 
     setup_logging("INFO")
     use_dummy_credentials()
@@ -96,18 +98,29 @@ def main() -> int:
                     final["step"],
                 )
 
-    print(
-        f"\n{'checkpointing':<24}{'train loop s':>14}{'of which steps s':>18}{'run_training s':>16}{'steps':>7}"
-    )
+    lines = [
+        f"{'checkpointing':<24}{'train loop s':>14}{'of which steps s':>18}{'run_training s':>16}{'steps':>7}"
+    ]
     for label, (loop_s, step_s, wall_s, steps) in results.items():
-        print(f"{label:<24}{loop_s:>14.2f}{step_s:>18.2f}{wall_s:>16.2f}{steps:>7}")
+        lines.append(f"{label:<24}{loop_s:>14.2f}{step_s:>18.2f}{wall_s:>16.2f}{steps:>7}")
     (d_loop, d_steps, d_wall, _), (n_loop, n_steps, n_wall, _) = results.values()
     # On a shared machine step time itself drifts between the runs; the time the loop spent
     # outside steps (checkpoints, reports) does not depend on it, so it gives the steadier ratio.
     extra = (d_loop - d_steps) - (n_loop - n_steps)
-    print(f"\ncheckpoint overhead at the default frequency: {extra:.2f} s of checkpointing for "
-          f"{n_steps:.2f} s of steps = x{(n_steps + extra) / n_steps:.3f} "
-          f"(raw train loop ratio x{d_loop / n_loop:.3f}, run_training wall x{d_wall / n_wall:.3f})")  # fmt: skip
+    lines += [
+        "",
+        f"checkpoint overhead at the default frequency: {extra:.2f} s of checkpointing for "
+        f"{n_steps:.2f} s of steps = x{(n_steps + extra) / n_steps:.3f} "
+        f"(raw train loop ratio x{d_loop / n_loop:.3f}, run_training wall x{d_wall / n_wall:.3f})",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    setup = (
+        f"{args.examples} examples, {args.epochs} epochs, BERT {args.layers}x{args.hidden}, "
+        f"{args.workers} workers, ZeRO-{args.zero_stage}, data and checkpoints in S3 (moto on loopback)"
+    )
+    path = publish("checkpoint_overhead", table, notes=setup + ".")
+    print(f"written to {path}")
     return 0
 
 

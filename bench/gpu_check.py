@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from shardtune.cluster.config import validate_tree
     from shardtune.cluster.job import run_training
-    from tests.testkit import local_ray, random_bert, synthetic_sentences, write_conll
     from shardtune.data.prepare import prepare
     from transformers import AutoTokenizer, BertConfig
+
+    from tests.testkit import local_ray, random_bert, synthetic_sentences, write_conll
 
     if smoke:
         size = dict(layers=2, hidden=64, heads=2, intermediate=256)
@@ -291,17 +292,37 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
         return "n/a" if x is None else format(x * scale, spec) + unit
 
-    log.info(
+    summary = (
         f"{device_name} x{num_workers}, BERT {layers}x{hidden} ({nonemb_params / 1e6:.1f}M non-embedding params), "
         f"seq {seq}, micro-batch {batch}/GPU, ZeRO-{args.zero_stage} offload={args.offload} {args.precision}: "
         f"{fmt(result['samples_per_s'], '.1f')} samples/s, {fmt(result['tokens_per_s'], ',.0f')} tokens/s, "
         f"MFU {fmt(result['mfu'], '.1f', 100, '%')} (steps {window[0]}-{window[1]}; "
         f"with warm-up {fmt(overall['tokens_per_s'], ',.0f')} tokens/s)"
     )
+    log.info(summary)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if not smoke:  # the smoke run checks the script (its integration test); it measures nothing
+        from bench.results import publish
+
+        table = "\n".join(
+            f"{k:<22}{v}"
+            for k, v in [
+                ("device", f"{device_name} x{num_workers}"),
+                ("model", f"BERT {layers}x{hidden}, {nonemb_params / 1e6:.1f}M non-embedding"),
+                ("seq, micro-batch/GPU", f"{seq}, {batch}"),
+                ("ZeRO, offload", f"{args.zero_stage}, {args.offload}"),
+                ("precision", args.precision),
+                ("samples/s", fmt(result["samples_per_s"], ".1f")),
+                ("tokens/s", fmt(result["tokens_per_s"], ",.0f")),
+                ("MFU", fmt(result["mfu"], ".1f", 100, "%")),
+                ("steady window, steps", f"{window[0]}-{window[1]} of {last['step']}"),
+            ]
+        )
+        path = publish("gpu_check", table, notes=f"Versions: {result['versions']}.")
+        log.info("written to %s", path)
     return 0
 
 

@@ -101,6 +101,8 @@ def main() -> int:
     from shardtune.data.logs import setup_logging
     from shardtune.data.prepare import prepare
 
+    from bench.results import publish
+
     setup_logging("WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     rows = []
@@ -111,8 +113,11 @@ def main() -> int:
             lr = {"none": args.lr_full, "lora": args.lr_lora, "bitfit": args.lr_bitfit}[method]
             rows.append(run_row(method, data, os.path.join(tmp, "runs"), args.epochs, lr))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"\npeft_bench: demo corpus, {args.epochs} epoch(s), 2 CPU workers, ZeRO-2\n")
+    title = f"peft_bench: demo corpus, {args.epochs} epoch(s), 2 CPU workers, ZeRO-2"
+    print(f"\n{title}\n")
     print(table(rows))
+    path = publish("peft_bench", table(rows), notes=f"{title}.")
+    print(f"written to {path}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)

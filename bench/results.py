@@ -52,15 +52,17 @@ def command() -> str:
 
 
 def publish(name: str, table: str, *, notes: str = "", out_dir: Path | None = None) -> Path:
-    """Write `table` (plain text, printed as a code block) to docs/bench/<name>.md with its
-    provenance; return the path. `notes` (Markdown) follows the table."""
+    """Write `table` to docs/bench/<name>.md with its provenance; return the path. A table whose
+    first line starts with `|` is a Markdown table and goes in as is; anything else is plain text,
+    shown as a code block. `notes` (Markdown) follows the table."""
     out_dir = out_dir or DOCS_BENCH
     out_dir.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = table.strip("\n")
+    body = f"{table}\n" if table.lstrip().startswith("|") else f"```\n{table.rstrip()}\n```\n"
     text = (
         f"<!-- written by bench/{name}.py; do not edit by hand -->\n"
-        f"Measured {when} on {machine()} with `{command()}`:\n\n"
-        f"```\n{table.rstrip()}\n```\n"
+        f"Measured {when} on {machine()} with `{command()}`:\n\n{body}"
     )
     if notes:
         text += f"\n{notes.rstrip()}\n"

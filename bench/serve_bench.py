@@ -16,6 +16,8 @@ import textwrap
 import time
 
 import httpx
+
+from bench.results import publish
 from tests.testkit import free_port
 
 LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
@@ -200,15 +202,39 @@ def main() -> int:
         finally:
             stop(proc)
 
-    print("\nratio shardtune / pipeline (texts/s; p99 latency):")
+    lines = [
+        "| concurrency | `shardtune serve` texts/s (p50 / p99) | pipeline texts/s (p50 / p99) | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
     for c in args.concurrency:
         a, b = results["shardtune"][c], results["pipeline"][c]
-        print(f"  c={c:<3} texts/s x{a['texts_per_s'] / b['texts_per_s']:.2f}   "
-              f"p99 {a['p99_ms']:.0f} ms vs {b['p99_ms']:.0f} ms")  # fmt: skip
+        lines.append(
+            f"| {c} | {a['texts_per_s']:.1f} ({a['p50_ms']:.0f} / {a['p99_ms']:.0f} ms) "
+            f"| {b['texts_per_s']:.1f} ({b['p50_ms']:.0f} / {b['p99_ms']:.0f} ms) "
+            f"| {a['texts_per_s'] / b['texts_per_s']:.2f}x |"
+        )
     top = max(args.concurrency)
     a, b = results["shardtune"][top], results["pipeline"][top]
     met = a["texts_per_s"] >= 3 * b["texts_per_s"] and a["p99_ms"] <= b["p99_ms"]
-    print(f"target at c={top} (>= 3x texts/s, p99 no worse): {'met' if met else 'NOT met'}")
+    verdict = f"target at c={top} (>= 3x texts/s, p99 no worse): {'met' if met else 'NOT met'}"
+    table = "\n".join(lines)
+    print(f"\n{table}\n\n{verdict}")
+    settings = (
+        f"`shardtune serve --num-cpus {args.threads} --max-batch-size {args.max_batch_size} "
+        f"--precision {args.precision} --ingress {args.ingress} "
+        f"--concurrent-batches {args.concurrent_batches}` against a FastAPI app calling "
+        f'`pipeline("token-classification")` per request; {args.texts_per_request} text(s) per '
+        f"request, up to {args.requests} requests or {args.max_seconds:g} s per level."
+    )
+    # docs/bench/serve_bench.md holds the defaults' figures: a run with one lever off (the
+    # levers table in docs/serving.md) must not replace them
+    levers = ("precision", "ingress", "concurrent_batches")
+    defaults = parser.parse_args([])
+    if all(getattr(args, k) == getattr(defaults, k) for k in levers):
+        path = publish("serve_bench", table, notes=f"{settings} {verdict[0].upper()}{verdict[1:]}.")
+        print(f"written to {path}")
+    else:
+        print("not published: a lever differs from its default")
     return 0
 
 

@@ -20,6 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from shardtune.data import storage
+from shardtune.data.logs import setup_logging
+from shardtune.data.manifest import read_manifest
+from shardtune.data.prepare import prepare
+from shardtune.data.shard_plan import EpochPlan, train_segment
+from shardtune.data.stream import ShardStream
+
+from bench.results import publish
 from tests.testkit import (
     LocalS3,
     local_ray,
@@ -28,12 +36,6 @@ from tests.testkit import (
     use_dummy_credentials,
     write_conll,
 )
-from shardtune.data import storage
-from shardtune.data.logs import setup_logging
-from shardtune.data.manifest import read_manifest
-from shardtune.data.prepare import prepare
-from shardtune.data.shard_plan import EpochPlan, train_segment
-from shardtune.data.stream import ShardStream
 
 BUCKET = "shardtune-bench"
 
@@ -115,20 +117,29 @@ def main() -> None:
     def med(rows, i):
         return statistics.median(x[i] for x in rows)
 
-    print(
-        f"\n{args.examples} examples, shards of {args.shard_size}, {os.cpu_count()} CPUs; medians"
-    )
-    print(f"{'':34}{'local':>12}{'S3 (moto)':>12}{'S3/local':>10}")
     lines = [
+        f"{args.examples} examples, shards of {args.shard_size}, {os.cpu_count()} CPUs; medians",
+        f"{'':34}{'local':>12}{'S3 (moto)':>12}{'S3/local':>10}",
+    ]
+    rows = [
         ("stream alone, examples/s", stream, 0, "{:12.0f}"),
         ("stream alone, blocked on storage", stream, 1, "{:12.2%}"),
         ("training (2 workers), examples/s", train, 0, "{:12.1f}"),
         ("training, data wait of step time", train, 1, "{:12.2%}"),
     ]
-    for label, rows, i, fmt in lines:
-        a, b = med(rows["local"], i), med(rows["s3"], i)
+    for label, values, i, fmt in rows:
+        a, b = med(values["local"], i), med(values["s3"], i)
         ratio = f"{b / a:10.3f}" if a else f"{'-':>10}"
-        print(f"{label:34}{fmt.format(a)}{fmt.format(b)}{ratio}")
+        lines.append(f"{label:34}{fmt.format(a)}{fmt.format(b)}{ratio}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    path = publish(
+        "stream_bench", table,
+        notes="Targets (issue 3): training through S3 within 5% of local files (the S3/local "
+        "ratio of the training row at least 0.95); data wait under 2% of step time. The stream "
+        "alone is slower from S3; prefetch (`data.shards_in_memory`) hides it from training.",
+    )  # fmt: skip
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

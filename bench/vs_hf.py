@@ -308,8 +308,10 @@ def main() -> None:
         return
 
     from shardtune.cluster.demo import corpus_path
-    from tests.testkit import tokenizer_dir
     from shardtune.data.prepare import prepare
+
+    from bench.results import publish
+    from tests.testkit import tokenizer_dir
 
     model = args.model or tokenizer_dir()
     corpus = args.data or corpus_path()
@@ -341,11 +343,12 @@ def main() -> None:
             shardtune_row("(b) in fp32", "fp32", **{"train.precision": "fp32"})
 
     ref = rows[0][1]
-    print(f"\nshardtune vs HF Trainer: {corpus}, {Path(model).name}, {args.epochs} epochs, "
-          f"batch {BATCH}, lr {LR}, {os.cpu_count()} cores\n")  # fmt: skip
+    setup = (
+        f"shardtune vs HF Trainer: {Path(corpus).name}, {Path(model).name}, {args.epochs} "
+        f"epochs, batch {BATCH}, lr {LR}, {os.cpu_count()} cores"
+    )
     header = f"{'run':<44} {'tok/s':>7} {'ratio':>6} {'pad':>5} {'train s':>8} {'job s':>7} {'test F1':>8}  notes"
-    print(header)
-    print("-" * len(header))
+    lines = [header, "-" * len(header)]
     for label, r in rows:
         notes = []
         if r.get("precision"):
@@ -354,11 +357,20 @@ def main() -> None:
             notes.append(
                 "step: " + " ".join(f"{k} {100 * v:.0f}%" for k, v in r["breakdown"].items())
             )
-        print(
+        lines.append(
             f"{label:<44} {r['tokens_per_s']:>7.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>5.2f}x "
             f"{100 * r['padding']:>4.0f}% {r['train_s']:>8.1f} {r['wall_s']:>7.1f} "
             f"{fmt(r['test_f1'], '.4f'):>8}  {'; '.join(notes)}"
         )
+    table = "\n".join(lines)
+    print(f"\n{setup}\n\n{table}")
+    path = publish(
+        "vs_hf",
+        table,
+        notes=f"{setup}. `tok/s`: non-pad tokens per second of training steps; `ratio`: against "
+        "row (a); `job s`: the whole command, from process start to the test F1.",
+    )
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":
