@@ -6,7 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests import testkit
+
+TESTS = Path(__file__).resolve().parent
+TIER_MARKERS = {"integration": pytest.mark.integration, "slow": pytest.mark.slow}
+# Unit tests (no Ray) that still take minutes: `slow` too, so `-m "not slow"` is a quick loop.
+# CI runs every folder in full whatever the markers say.
+SLOW_UNIT_TESTS = {
+    "unit/test_ledger.py::test_reading_streams_with_bounded_memory",  # 50k entries under
+    # tracemalloc: ~130 s on 2 loaded cores
+}
+
+
+def pytest_collection_modifyitems(items):
+    """A test's tier marker from its folder (tests/integration/ -> integration, tests/slow/ ->
+    slow), so `-m "not slow"` and `-m "not integration and not slow"` select what the folders
+    hold."""
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        if len(parts) > 1 and parts[0] in TIER_MARKERS:
+            item.add_marker(TIER_MARKERS[parts[0]])
+        if f"{'/'.join(parts)}::{item.name}" in SLOW_UNIT_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

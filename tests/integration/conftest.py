@@ -4,17 +4,12 @@ both from tests.testkit; shardtune's log lines set up as the CLI sets them up.""
 from __future__ import annotations
 
 import pytest
-from tests.testkit import LocalS3, use_dummy_credentials
-from tests.testkit import local_ray as start_local_ray
 from shardtune.data.logs import setup_logging
 
+from tests.testkit import LocalS3, use_dummy_credentials
+from tests.testkit import local_ray as start_local_ray
+
 BUCKET = "shardtune-it"
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/integration/" in str(item.fspath):
-            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -186,6 +186,36 @@ def test_classification_truncates_like_training(tiny_model_dir, tokenizer):
         assert abs(sum(a["scores"].values()) - 1) < 1e-6
 
 
+def test_classification_answers_the_models_argmax_and_softmax(tiny_model_dir, tokenizer):
+    """Served label and scores against the plain model's logits, one text at a time (no
+    padding): three classes with distinct probabilities, so no permuted label map agrees."""
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    labels = ["neg", "neutral", "pos"]
+    torch.manual_seed(3)
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=3,
+                                        id2label=dict(enumerate(labels)),
+                                        label2id={n: i for i, n in enumerate(labels)})  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # a random head scores near-uniformly; spread the classes apart
+        model.classifier.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    texts = ["alice loved paris", "bob hated the food", "a much longer text than eight tokens",
+             "x", "carol met dave in rome", "grace"]  # fmt: skip
+    p = Predictor(model, tokenizer, task="classify", max_length=8, forward_batch_size=4)
+    (answers,), _ = p.predict_batch([texts])
+    for text, answer in zip(texts, answers, strict=True):
+        enc = tokenizer(text, truncation=True, max_length=8, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**enc).logits[0].double()
+        probs = torch.softmax(logits, -1).tolist()
+        assert min(abs(a - b) for a, b in [probs[:2], probs[1:], probs[::2]]) > 0.05, probs
+        # 1e-5: padding the batch under the attention mask moves fp32 logits by ~1e-7.
+        assert answer["scores"] == pytest.approx(dict(zip(labels, probs, strict=True)), abs=1e-5)
+        assert answer["label"] == labels[int(logits.argmax())]
+        assert answer["label"] == max(answer["scores"], key=answer["scores"].get)
+
+
 # ---------------------------------------------------------------------------- request parsing
 def body(doc) -> bytes:
     return json.dumps(doc).encode()

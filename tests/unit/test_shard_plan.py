@@ -52,7 +52,10 @@ def test_deterministic_and_changes_with_epoch():
     b = segment_rows(EpochPlan(sizes, 7, 1), train_segment(100, 3, 1))
     c = segment_rows(EpochPlan(sizes, 7, 2), train_segment(100, 3, 1))
     assert a == b and a != c
-    assert EpochPlan(sizes, 7, 1).shard_order != EpochPlan(sizes, 7, 3).shard_order or True
+    # seed 7: epochs 1 and 3 order the shards [0, 2, 3, 1] and [0, 1, 2, 3]
+    assert EpochPlan(sizes, 7, 1).shard_order != EpochPlan(sizes, 7, 3).shard_order
+    assert EpochPlan(sizes, 7, 1).shard_order != EpochPlan(sizes, 8, 1).shard_order
+    assert sorted(EpochPlan(sizes, 7, 1).shard_order) == [0, 1, 2, 3]
     orders = {tuple(EpochPlan(sizes, 7, e).shard_order) for e in range(10)}
     assert len(orders) > 1  # shard order changes with the epoch
 
@@ -133,15 +136,13 @@ def test_one_lookup_per_shard_not_per_row():
     assert len(rows) == 1000 and plan.lookups <= 21  # 20 shards of this half (+ a boundary)
 
 
-def test_plan_for_a_million_shards_is_cheap():
-    import time
-
-    t0 = time.perf_counter()
+def test_plan_for_a_million_shards_is_small():
+    """Memory only: how long the build takes is a bench figure (bench/scale_sim.py measures it),
+    not a unit-test claim that a loaded CI machine could break."""
     plan = EpochPlan(tuple([1000] * 1_000_000), 1, 2)
     shard, offset = plan.locate(123_456_789)
-    built = time.perf_counter() - t0
     arrays = plan._sizes.nbytes + plan._order.nbytes + plan._starts.nbytes
-    assert built < 1.5 and arrays < 100e6
+    assert arrays == 3 * 8 * 1_000_000  # three int64 arrays, nothing per row
     assert 0 <= offset < 1000 and plan.span(123_456_789)[:2] == (shard, offset)
     assert plan.identity == EpochPlan(tuple([1000] * 1_000_000), 1, 2).identity
     assert plan.identity != EpochPlan(tuple([1000] * 1_000_000), 1, 3).identity
