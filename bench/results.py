@@ -16,7 +16,7 @@ DOCS_BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 
 def machine() -> str:
-    """CPU model, cores, memory and GPU (if any), in one line."""
+    """CPU model, cores, memory, GPU (if any) and the 1-minute load average, in one line."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +41,11 @@ def machine() -> str:
         gpu = f"{len(names)} x {names[0]}" if names else gpu
     except (OSError, subprocess.SubprocessError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}"
+    try:  # a shared machine's other work shows in the figures: say how busy it was
+        load = f", load average {os.getloadavg()[0]:.1f} at the end"
+    except OSError:
+        load = ""
+    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}{load}"
 
 
 def command() -> str:
