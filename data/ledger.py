@@ -37,9 +37,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from shardtune.data import storage
+from shardtune.data.run_layout import RunLayout
 from shardtune.data.shard_plan import EpochPlan, Ranges, slice_ranges
 
-LEDGER_DIR = "ledger"
 _ATTEMPT = re.compile(r"^attempt-(\d{5})\.json$")
 _PART = re.compile(r"^rank-(\d{5})\.(\d{5})\.jsonl$")
 
@@ -48,7 +48,7 @@ def next_attempt(run_uri: str, options: storage.StorageOptions | None = None) ->
     """1 + the highest attempt recorded so far (rank 0 asks; the others get it by collective)."""
     found = [
         int(m[1])
-        for n in storage.list_names(storage.join(run_uri, LEDGER_DIR), options)
+        for n in storage.list_names(RunLayout(run_uri).ledger, options)
         if (m := _ATTEMPT.match(n))
     ]
     return max(found, default=0) + 1
@@ -82,7 +82,7 @@ class LedgerWriter:
         length_grouping: int = 1,
         options: storage.StorageOptions | None = None,
     ):
-        self.dir = storage.join(run_uri, LEDGER_DIR)
+        self.dir = RunLayout(run_uri).ledger
         self.rank, self.attempt, self.options = rank, attempt, options
         self.grad_accum = grad_accum
         self.batch_size, self.grouping = batch_size, length_grouping
@@ -336,7 +336,7 @@ def iter_committed(
     attempt after the checkpoint it was restarted from). Entries: "epoch", "step",
     "micro_step", "rank", "attempt", "world_size", "list" (the position list), "offsets" (runs)
     and, with `resolve`, "ids"."""
-    root = storage.join(run_uri, LEDGER_DIR)
+    root = RunLayout(run_uri).ledger
     headers = [
         json.loads(storage.read_text(storage.join(root, name), options))
         for name in sorted(storage.list_names(root, options))
