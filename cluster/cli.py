@@ -178,9 +178,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shardtune.cluster.plots import write_plots
     from shardtune.cluster.report import run_summary
     from shardtune.data import storage
+    from shardtune.data.run_layout import RunLayout
 
     options = _options(args)
-    uri = storage.join(args.run, "report.json")
+    uri = RunLayout(args.run).report
     if not storage.exists(uri, options):
         raise UsageError(f"RUN_URI: {args.run} has no report.json (not a finished run directory)")
     report = json.loads(storage.read_text(uri, options))

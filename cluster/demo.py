@@ -30,6 +30,7 @@ def run_demo(overrides: list[str] | None = None) -> dict:
     from shardtune.cluster.report import run_summary
     from shardtune.data import storage
     from shardtune.data.prepare import prepare
+    from shardtune.data.run_layout import RunLayout
 
     use_dummy_credentials()
     with LocalS3() as s3:
@@ -59,12 +60,13 @@ def run_demo(overrides: list[str] | None = None) -> dict:
         kept = keep_run(storage.join(job.run.output, job.run.name), output_dir(job.run.name),
                         job.storage_options())  # fmt: skip
         print(run_summary(report))  # the demo's result, on stdout like `train`'s
+        at = RunLayout(kept)
         print(
             f"\nthe run is kept in {kept}/ (the demo's S3 server is gone):\n"
-            f"  model:       {kept}/model  (AutoModelForTokenClassification.from_pretrained)\n"
-            f"  report:      {kept}/report.json  (shardtune report {kept})\n"
-            f"  plots:       {', '.join(f'{kept}/{os.path.basename(p)}' for p in report['plots'])}\n"
-            f"  tensorboard: tensorboard --logdir {kept}/tensorboard"
+            f"  model:       {at.model}  (AutoModelForTokenClassification.from_pretrained)\n"
+            f"  report:      {at.report}  (shardtune report {kept})\n"
+            f"  plots:       {', '.join(at.plot(os.path.basename(p)) for p in report['plots'])}\n"
+            f"  tensorboard: tensorboard --logdir {at.tensorboard}"
         )
         return report
 
@@ -81,14 +83,16 @@ def keep_run(run_uri: str, local: str, options) -> str:
     import shutil
 
     from shardtune.data import storage
+    from shardtune.data.run_layout import RunLayout, kept_for_people
 
     shutil.rmtree(local, ignore_errors=True)  # a previous demo's copy would mix with this one
     os.makedirs(local)
     for name in storage.list_names(run_uri, options):
-        uri = storage.join(run_uri, name)
-        if name in ("model", "tensorboard"):
+        uri = RunLayout(run_uri).path(name)
+        kind = kept_for_people(name)
+        if kind == "dir":
             storage.download_dir(uri, os.path.join(local, name), options)
-        elif name == "report.json" or name.endswith(".png"):
+        elif kind == "file":
             with open(os.path.join(local, name), "wb") as f:
                 f.write(storage.read_bytes(uri, options))
     return local

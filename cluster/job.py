@@ -18,8 +18,8 @@ from typing import Any
 from shardtune.cluster.config import JobConfig, to_public_dict
 from shardtune.data import storage
 from shardtune.data.manifest import read_manifest
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run's checkpoints
+from shardtune.data.run_layout import RunLayout
+from shardtune.training.records import EvalRecord, RunFacts, TrainingStats
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,16 @@ def run_dir(job: JobConfig) -> str:
     return storage.join(job.run.output, job.run.name)
 
 
+def run_layout(job: JobConfig) -> RunLayout:
+    """The run folder the workers write (WorkerConfig.run_uri is the same path)."""
+    return RunLayout(run_dir(job))
+
+
 def previous_run(job: JobConfig) -> tuple[str, int] | None:
     """(latest checkpoint name, its step) of an earlier run with this run.name and output, from
     the snapshot Ray Train restores itself from; None if there is none."""
     options = job.storage_options()
-    uri = storage.join(run_dir(job), SNAPSHOT)
+    uri = run_layout(job).snapshot
     if not storage.exists(uri, options):
         return None
     latest = json.loads(storage.read_text(uri, options)).get("latest_checkpoint_result")
@@ -96,16 +101,17 @@ def compare_labels(job: JobConfig, labels: list[str], say=log.info) -> None:
         say(f"retraining {uri}: its head's labels against the dataset's: {plan.describe()}")
 
 
-def read_evaluations(job: JobConfig) -> list[dict]:
+def read_evaluations(job: JobConfig) -> list[EvalRecord]:
     """Every evaluation of the run, in step order, from the records rank 0 writes at each one
     ({run}/evals/): all of them, also those whose checkpoints retention deleted, across restarts
     (a repeated step after a restart overwrote its record)."""
-    from shardtune.training.loop import EVALS_DIR
-
     options = job.storage_options()
-    root = storage.join(run_dir(job), EVALS_DIR)
+    root = run_layout(job).evals
     names = sorted(n for n in storage.list_names(root, options) if n.endswith(".json"))
-    return [json.loads(storage.read_text(storage.join(root, n), options)) for n in names]
+    return [
+        EvalRecord.from_dict(json.loads(storage.read_text(storage.join(root, n), options)))
+        for n in names
+    ]
 
 
 def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list[tuple[str, dict]]:
@@ -233,10 +239,10 @@ def export_best(job: JobConfig, checkpoint_name: str) -> str:
     from shardtune.training.export import consolidate
 
     options = job.storage_options()
-    src = storage.join(run_dir(job), checkpoint_name)
-    dst = storage.join(run_dir(job), "model")
+    layout = run_layout(job)
+    src, dst = layout.checkpoint(checkpoint_name), layout.model
     with tempfile.TemporaryDirectory(prefix="shardtune-export-") as tmp:
-        local, model_dir = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "model")
+        local, model_dir = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "export")
         storage.download_dir(src, local, options)
         verify(local, where=src)
         consolidate(local, model_dir)
@@ -262,59 +268,71 @@ def _remote_evaluate(job: JobConfig, model_uri: str) -> dict:
     )
 
 
-def build_report(job: JobConfig, *, best: tuple[str, dict], history: list[dict], test: dict | None,
-                 model_uri: str, wall_s: float, train_manifest: Any) -> dict:  # fmt: skip
-    last = history[-1] if history else {}
+def build_report(job: JobConfig, *, best: tuple[str, EvalRecord], history: list[EvalRecord],
+                 test: dict | None, model_uri: str, wall_s: float, train_manifest: Any) -> dict:  # fmt: skip
+    """report.json from the workers' records (pure): the best checkpoint's scores, the last
+    record's throughput and setup, and every evaluation."""
+    last = history[-1] if history else None
+    stats, facts = (last.stats, last.facts) if last else (None, None)
+    stopped = last.stopped_early if last else None
     return {
         "run": job.run.name,
         "task": job.task,
         "model": model_uri,
         "best_checkpoint": best[0],
-        "best_eval": {
-            k: v for k, v in best[1].items() if k.startswith("eval_") and k != "eval_counts"
-        },
+        "best_eval": best[1].eval_summary(),
         "test": test,
-        "throughput": {
-            "train_examples_per_s": last.get("examples_per_s"),
-            "train_tokens_per_s": last.get("tokens_per_s"),
-            "train_examples": last.get("train_examples"),
-            "train_tokens": last.get("train_tokens"),
-            "train_seconds": last.get("train_seconds"),
-        },
-        "timing": {
-            "wall_seconds": wall_s,
-            # Where a training step's time goes (fractions of step time, all ranks): getting
-            # and padding the batch, forward, backward, and DeepSpeed's step (gradient
-            # reduction between workers, clipping, optimizer).
-            "step_breakdown": last.get("step_breakdown"),
-            "padding_fraction": last.get("padding_fraction"),
-            "precision": last.get("precision"),
-            "zero_stage": last.get("zero_stage"),
-            "workers": last.get("workers"),
-            "threads_per_worker": last.get("threads_per_worker"),
-            "peak_memory_mb_per_worker": last.get("peak_memory_mb"),
-        },
+        "throughput": _throughput(stats),
+        "timing": {"wall_seconds": wall_s, **_timing(stats, facts)},
         "data": {
             "train_examples": train_manifest.num_examples,
             # `prepare --append` adds versions: which one this run read (what its test scores
             # are comparable with)
             "manifest_version": train_manifest.version,
-            "padding_examples_per_epoch": last.get("padding_examples_per_epoch"),
-            "words_without_subwords": last.get("words_without_subwords"),
-            "sentences_split_into_windows": last.get("sentences_split"),
+            "padding_examples_per_epoch": facts.padding_examples_per_epoch if facts else None,
+            "words_without_subwords": facts.words_without_subwords if facts else None,
+            "sentences_split_into_windows": facts.sentences_split if facts else None,
         },
-        "history": [{k: v for k, v in h.items() if k != "eval_counts"} for h in history],
+        "history": [h.to_dict(counts=False) for h in history],
         "early_stopping": {
-            "stopped": bool(last.get("stopped_early")),
-            "step": last.get("step") if last.get("stopped_early") else None,
-            "reason": last.get("stopped_early"),
+            "stopped": bool(stopped),
+            "step": last.step if last and stopped else None,
+            "reason": stopped,
         },
         "parameters": {
-            "peft": last.get("peft"),
-            "trainable": last.get("trainable_params"),
-            "total": last.get("total_params"),
+            "peft": facts.peft if facts else None,
+            "trainable": facts.trainable_params if facts else None,
+            "total": facts.total_params if facts else None,
         },
         "config": to_public_dict(job),
+    }
+
+
+def _throughput(stats: TrainingStats | None) -> dict[str, Any]:
+    if stats is None:
+        return dict.fromkeys(("train_examples_per_s", "train_tokens_per_s", "train_examples",
+                              "train_tokens", "train_seconds"))  # fmt: skip
+    return {
+        "train_examples_per_s": stats.examples_per_s,
+        "train_tokens_per_s": stats.tokens_per_s,
+        "train_examples": stats.train_examples,
+        "train_tokens": stats.train_tokens,
+        "train_seconds": stats.train_seconds,
+    }
+
+
+def _timing(stats: TrainingStats | None, facts: RunFacts | None) -> dict[str, Any]:
+    # Where a training step's time goes (fractions of step time, all ranks): getting and
+    # padding the batch, forward, backward, and DeepSpeed's step (gradient reduction between
+    # workers, clipping, optimizer).
+    return {
+        "step_breakdown": stats.step_breakdown if stats else None,
+        "padding_fraction": stats.padding_fraction if stats else None,
+        "precision": facts.precision if facts else None,
+        "zero_stage": facts.zero_stage if facts else None,
+        "workers": facts.workers if facts else None,
+        "threads_per_worker": facts.threads_per_worker if facts else None,
+        "peak_memory_mb_per_worker": facts.peak_memory_mb if facts else None,
     }
 
 
@@ -364,17 +382,17 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
             f"no reported checkpoint of run {job.run.name!r} could be exported (see above)"
         )
     test = _remote_evaluate(job, model_uri) if job.data.test else None
-    history = read_evaluations(job) or [result.metrics or {}]
+    # Ray's copy of the last report stands in when no record reached {run}/evals/.
+    last = [EvalRecord.from_dict(result.metrics)] if result.metrics else []
+    history = read_evaluations(job) or last
     report = build_report(
-        job, best=best, history=history, test=test, model_uri=model_uri,
-        wall_s=time.perf_counter() - t0, train_manifest=train_manifest,
+        job, best=(best[0], EvalRecord.from_dict(best[1])), history=history, test=test,
+        model_uri=model_uri, wall_s=time.perf_counter() - t0, train_manifest=train_manifest,
     )  # fmt: skip
     from shardtune.cluster.plots import write_plots
-    from shardtune.training.tracking import TB_DIR
 
-    report["tensorboard"] = storage.join(run_dir(job), TB_DIR) if job.tracking.tensorboard else None
-    report["plots"] = write_plots(report, run_dir(job), options)
-    storage.write_text(
-        storage.join(run_dir(job), "report.json"), json.dumps(report, indent=2), options
-    )
+    layout = run_layout(job)
+    report["tensorboard"] = layout.tensorboard if job.tracking.tensorboard else None
+    report["plots"] = write_plots(report, layout.root, options)
+    storage.write_text(layout.report, json.dumps(report, indent=2), options)
     return report

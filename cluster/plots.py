@@ -5,13 +5,15 @@ matrix for classification."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
-TRAINING = "plot-training.png"
-PER_LABEL = "plot-f1-per-label.png"
-CONFUSION = "plot-confusion.png"
+from shardtune.data.run_layout import PLOT_CONFUSION, PLOT_PER_LABEL, PLOT_TRAINING, RunLayout
+from shardtune.training.records import EvalRecord
+
+TRAINING, PER_LABEL, CONFUSION = PLOT_TRAINING, PLOT_PER_LABEL, PLOT_CONFUSION
 
 
-def draw_plots(report: dict, out_dir: str) -> list[str]:
+def draw_plots(report: dict[str, Any], out_dir: str) -> list[str]:
     """Write the plots this report has data for into `out_dir`; returns their file names."""
     import matplotlib
 
@@ -20,22 +22,18 @@ def draw_plots(report: dict, out_dir: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    history = report.get("history") or []
-    loss = [p for h in history for p in h.get("train_loss_points") or []]
-    evals = [h for h in history if h.get("eval_f1") is not None]
+    history = [EvalRecord.from_dict(h) for h in report.get("history") or []]
+    loss = [p for h in history for p in h.train_loss_points]
+    evals = [(h.step, h.scores) for h in history if h.scores is not None]
     if loss or evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         if loss:
             ax.plot(*zip(*loss, strict=True), label="training loss", color="tab:blue")
         if evals:
-            steps = [h["step"] for h in evals]
-            ax.plot(
-                steps, [h["eval_loss"] for h in evals], "o--", label="dev loss", color="tab:cyan"
-            )
+            steps = [step for step, _ in evals]
+            ax.plot(steps, [s.eval_loss for _, s in evals], "o--", label="dev loss", color="tab:cyan")  # fmt: skip
             f1_ax = ax.twinx()
-            f1_ax.plot(
-                steps, [h["eval_f1"] for h in evals], "o-", color="tab:red", label="dev micro-F1"
-            )
+            f1_ax.plot(steps, [s.eval_f1 for _, s in evals], "o-", color="tab:red", label="dev micro-F1")  # fmt: skip
             f1_ax.set_ylabel("dev micro-F1")
             f1_ax.set_ylim(0, 1)
             f1_ax.legend(loc="upper right")
@@ -73,17 +71,20 @@ def draw_plots(report: dict, out_dir: str) -> list[str]:
     return written
 
 
-def _per_label_f1(report: dict) -> tuple[dict[str, float], str]:
+def _per_label_f1(report: dict[str, Any]) -> tuple[dict[str, float], str]:
     """F1 per entity type or class: the test set's when there is one, else the best dev eval's."""
     test = report.get("test") or {}
     if test.get("per_type"):
         return {name: row["f1"] for name, row in test["per_type"].items()}, "test set"
-    best = next((h for h in report.get("history") or [] if h.get("eval_f1_per_label")
-                 and h.get("eval_f1") == (report.get("best_eval") or {}).get("eval_f1")), None)  # fmt: skip
-    return (best["eval_f1_per_label"], "best dev evaluation") if best else ({}, "")
+    best_f1 = (report.get("best_eval") or {}).get("eval_f1")
+    for h in report.get("history") or []:
+        scores = EvalRecord.from_dict(h).scores
+        if scores is not None and scores.eval_f1_per_label and scores.eval_f1 == best_f1:
+            return scores.eval_f1_per_label, "best dev evaluation"
+    return {}, ""
 
 
-def _save(fig, out_dir: str, name: str) -> str:
+def _save(fig: Any, out_dir: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -92,7 +93,7 @@ def _save(fig, out_dir: str, name: str) -> str:
     return name
 
 
-def write_plots(report: dict, run_uri: str, options=None) -> list[str]:
+def write_plots(report: dict[str, Any], run_uri: str, options: Any = None) -> list[str]:
     """Draw the plots and put them next to report.json in `run_uri`; returns their URIs."""
     import tempfile
 
@@ -102,5 +103,5 @@ def write_plots(report: dict, run_uri: str, options=None) -> list[str]:
         names = draw_plots(report, tmp)
         for name in names:
             with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes(storage.join(run_uri, name), f.read(), options)
-    return [storage.join(run_uri, name) for name in names]
+                storage.write_bytes(RunLayout(run_uri).plot(name), f.read(), options)
+    return [RunLayout(run_uri).plot(name) for name in names]

@@ -20,20 +20,21 @@ import uuid
 from typing import Any
 
 from shardtune.data import storage
+from shardtune.data.run_layout import TENSORBOARD, WANDB, RunLayout
 from shardtune.training.config import TrackingSection
+from shardtune.training.records import EvalScores
 
 log = logging.getLogger(__name__)
 
-STATE = "tracking.json"
-TB_DIR = "tensorboard"
-WANDB_DIR = "wandb"
 
-
-def eval_scalars(metrics: dict) -> dict[str, float]:
+def eval_scalars(scores: EvalScores) -> dict[str, float | None]:
     """An evaluation's scalars by tag (pure): micro and macro P/R/F1, loss, F1 per label."""
-    out = {f"eval/{k}": metrics[f"eval_{k}"] for k in ("f1", "precision", "recall", "loss")}
-    out.update({f"eval/macro_{k}": metrics[f"eval_macro_{k}"] for k in ("f1", "precision", "recall")})  # fmt: skip
-    out.update({f"eval_f1/{name}": f1 for name, f1 in metrics["eval_f1_per_label"].items()})
+    s = scores
+    out = {"eval/f1": s.eval_f1, "eval/precision": s.eval_precision,
+           "eval/recall": s.eval_recall, "eval/loss": s.eval_loss,
+           "eval/macro_f1": s.eval_macro_f1, "eval/macro_precision": s.eval_macro_precision,
+           "eval/macro_recall": s.eval_macro_recall}  # fmt: skip
+    out.update({f"eval_f1/{name}": f1 for name, f1 in (s.eval_f1_per_label or {}).items()})
     return out
 
 
@@ -43,8 +44,8 @@ class Tracker:
 
     def __init__(self, section: TrackingSection, run_uri: str, options: Any, *, run_name: str,
                  config_text: str, hparams: dict) -> None:  # fmt: skip
-        self.section, self.run_uri, self.options = section, run_uri, options
-        state_uri = storage.join(run_uri, STATE)
+        self.section, self.layout, self.options = section, RunLayout(run_uri), options
+        state_uri = self.layout.tracking_state
         self.state = (
             json.loads(storage.read_text(state_uri, options))
             if storage.exists(state_uri, options)
@@ -67,7 +68,7 @@ class Tracker:
     def _open_tb(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(os.path.join(self.local, TB_DIR, "open"), flush_secs=3600)
+        return SummaryWriter(os.path.join(self.local, TENSORBOARD, "open"), flush_secs=3600)
 
     def _start_mlflow(self, run_name: str, config_text: str) -> Any:
         import mlflow
@@ -99,7 +100,7 @@ class Tracker:
 
     def _save_state(self) -> None:
         storage.write_text(
-            storage.join(self.run_uri, STATE), json.dumps(self.state, indent=1), self.options
+            self.layout.tracking_state, json.dumps(self.state, indent=1), self.options
         )
 
     # -- points ----------------------------------------------------------------------------
@@ -123,12 +124,14 @@ class Tracker:
             return
         if self.tb is not None:
             self.tb.close()
-            open_dir = os.path.join(self.local, TB_DIR, "open")
+            open_dir = os.path.join(self.local, TENSORBOARD, "open")
             for name in sorted(os.listdir(open_dir)):
                 # TensorBoard reads any file with "tfevents" in its name, in name order.
                 target = f"events.out.tfevents.{step:010d}.{time.time_ns()}.shardtune"
                 with open(os.path.join(open_dir, name), "rb") as f:
-                    storage.write_bytes(storage.join(self.run_uri, TB_DIR, target), f.read(), self.options)  # fmt: skip
+                    storage.write_bytes(
+                        storage.join(self.layout.tensorboard, target), f.read(), self.options
+                    )
                 os.remove(os.path.join(open_dir, name))
             self.tb = self._open_tb()
         self.state["through_step"] = self.floor = step
@@ -150,7 +153,8 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
             # offline runs: copied once, finished (an attempt's own directory never grows again)
-            storage.upload_dir(os.path.join(self.local, WANDB_DIR), storage.join(self.run_uri, WANDB_DIR), self.options)  # fmt: skip
+            local = os.path.join(self.local, WANDB)
+            storage.upload_dir(local, self.layout.wandb, self.options)
         shutil.rmtree(self.local, ignore_errors=True)
 
 

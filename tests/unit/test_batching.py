@@ -8,7 +8,6 @@ import dataclasses
 from collections import Counter
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.testkit import synthetic_sentences, tokenizer_dir, write_conll
@@ -19,8 +18,8 @@ from shardtune.data.shard_plan import train_segment
 from shardtune.data.storage import StorageOptions
 from shardtune.data.tasks import get_task
 from shardtune.training import checkpoint as ckpt
-from shardtune.training.config import DataSection, ModelSection, TrainSection, WorkerConfig
-from shardtune.training.loop import Worker, advance, epoch_batches
+from shardtune.training.config import DataSection, TrainSection
+from shardtune.training.feed import DataFeed, advance
 
 BATCH, GROUPING = 4, 3  # groups of 12 rows
 
@@ -70,32 +69,34 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(tokenizer_dir())
 
 
-def worker(dataset, tokenizer, *, rank=0, world=1, state=None, seed=5, grouping=GROUPING) -> Worker:
-    cfg = WorkerConfig(
-        task="ner", model=ModelSection(name_or_path="unused"), data=DataSection(train=dataset),
-        train=TrainSection(batch_size=BATCH, length_grouping=grouping, seed=seed),
-        storage=StorageOptions(), run_uri="unused",
-    )  # fmt: skip
-    manifest = read_manifest(dataset)
-    seg = len(train_segment(manifest.num_examples, world, rank))
-    return Worker(
-        cfg=cfg, rank=rank, world=world, spec=get_task("ner"), manifest=manifest,
-        labels=manifest.labels, label2id={t: i for i, t in enumerate(manifest.labels)},
-        tokenizer=tokenizer, engine=None, device=torch.device("cpu"), precision="fp32",
-        zero_stage=0, segment_len=seg, micro_per_epoch=-(-seg // BATCH), total_steps=10**6,
-        state=state or ckpt.TrainState(), taken=[], eval_rows=[], eval_total=0, fault=None,
-    )  # fmt: skip
+@dataclasses.dataclass
+class Fed:
+    """A rank's data feed and the position it reads from (what a checkpoint holds)."""
+
+    feed: DataFeed
+    state: ckpt.TrainState
 
 
-def run(w: Worker, limit: int | None = None) -> list[list[int]]:
+def worker(dataset, tokenizer, *, rank=0, world=1, state=None, seed=5, grouping=GROUPING) -> Fed:
+    feed = DataFeed(
+        DataSection(train=dataset),
+        TrainSection(batch_size=BATCH, length_grouping=grouping, seed=seed), StorageOptions(),
+        manifest=read_manifest(dataset), spec=get_task("ner"), tokenizer=tokenizer,
+        rank=rank, world=world,
+    )  # fmt: skip
+    assert feed.segment_len == len(train_segment(61, world, rank))
+    return Fed(feed, state or ckpt.TrainState())
+
+
+def run(w: Fed, limit: int | None = None) -> list[list[int]]:
     """Example ids of each micro-batch, advancing the state as train_step does."""
     out = []
-    for batch in epoch_batches(w):
+    for batch in w.feed.batches(w.state):
         if limit is not None and len(out) == limit:
             break
         out.append([row["id"] for row in batch.rows])
         advance(w.state, batch)
-    w.stream.close()
+    w.feed.close()
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from shardtune.cluster.config import validate_tree
 from shardtune.cluster.job import build_report, rank_checkpoints
 from shardtune.data.manifest import Manifest
+from shardtune.training.records import EvalRecord, EvalScores
 
 JOB = {
     "task": "ner",
@@ -20,7 +21,8 @@ def test_the_report_names_the_manifest_version():
     job = validate_tree(dict(JOB), "test")
     manifest = Manifest(task="ner", labels=["O"], num_examples=5, num_tokens=9, shards=[],
                         version=3)  # fmt: skip
-    report = build_report(job, best=("checkpoint-00000004", {"eval_f1": 0.5}), history=[],
+    best = EvalRecord(step=4, epoch=0, scores=EvalScores(eval_f1=0.5))
+    report = build_report(job, best=("checkpoint-00000004", best), history=[],
                           test=None, model_uri="m", wall_s=1.0, train_manifest=manifest)  # fmt: skip
     assert report["data"]["manifest_version"] == 3
 

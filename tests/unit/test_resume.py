@@ -8,9 +8,10 @@ import os
 
 import pytest
 from shardtune.cluster.config import validate_tree
-from shardtune.cluster.job import SNAPSHOT, failure_message, previous_run, start_over
+from shardtune.cluster.job import failure_message, previous_run, start_over
 from shardtune.data import storage
 from shardtune.data.manifest import sha256_hex
+from shardtune.data.run_layout import SNAPSHOT
 from shardtune.training import faults
 from shardtune.training.checkpoint import (
     CheckpointError,

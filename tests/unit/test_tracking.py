@@ -9,6 +9,7 @@ import os
 
 import pytest
 from shardtune.training.config import TrackingSection
+from shardtune.training.records import EvalScores
 from shardtune.training.tracking import Tracker, eval_scalars
 
 
@@ -66,10 +67,10 @@ def test_restart_continues_the_step_axis_with_one_run_id(tmp_path):
 
 
 def test_eval_scalars_name_every_metric():
-    metrics = {"eval_f1": 0.5, "eval_precision": 0.4, "eval_recall": 0.6, "eval_loss": 1.0,
-               "eval_macro_f1": 0.3, "eval_macro_precision": 0.2, "eval_macro_recall": 0.1,
-               "eval_f1_per_label": {"PER": 0.9, "LOC": 0.1}}  # fmt: skip
-    assert eval_scalars(metrics) == {
+    scores = EvalScores(eval_f1=0.5, eval_precision=0.4, eval_recall=0.6, eval_loss=1.0,
+                        eval_macro_f1=0.3, eval_macro_precision=0.2, eval_macro_recall=0.1,
+                        eval_f1_per_label={"PER": 0.9, "LOC": 0.1})  # fmt: skip
+    assert eval_scalars(scores) == {
         "eval/f1": 0.5, "eval/precision": 0.4, "eval/recall": 0.6, "eval/loss": 1.0,
         "eval/macro_f1": 0.3, "eval/macro_precision": 0.2, "eval/macro_recall": 0.1,
         "eval_f1/PER": 0.9, "eval_f1/LOC": 0.1,
