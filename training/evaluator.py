@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +18,21 @@ from shardtune.data.stream import read_span
 from shardtune.data.tasks import get_task
 from shardtune.training.checkpoint import TrainState
 from shardtune.training.collective import all_reduce
+from shardtune.training.config import WorkerConfig
 from shardtune.training.evaluation import evaluate_rows
 from shardtune.training.meter import PHASES, Meter
 from shardtune.training.metrics import scores_from_counts
 from shardtune.training.records import EvalRecord, EvalScores, RunFacts, TrainingStats
+from shardtune.training.session import Placement
+
+if TYPE_CHECKING:  # names for readers and the checker; imported only where a worker runs them
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 
-def read_eval_rows(uri: str, options: StorageOptions, task: str, *, rank: int,
-                   world: int) -> tuple[list[dict], int]:  # fmt: skip
+def read_eval_rows(
+    uri: str, options: StorageOptions, task: str, *, rank: int, world: int
+) -> tuple[list[dict], int]:
     """(this rank's disjoint part of the eval set in length order (fewer pads), the set's size),
     reading only the row groups the part lies in."""
     manifest = read_manifest_compact(uri, options)
@@ -41,7 +48,7 @@ class Evaluator:
 
     task: str
     labels: list[str]
-    tokenizer: Any
+    tokenizer: Tokenizer
     max_length: int
     batch_size: int
     world: int
@@ -49,16 +56,22 @@ class Evaluator:
     rows: Sequence[dict] = ()
     total: int = 0  # rows of the whole eval set
 
-    def evaluate(self, engine: Any, meter: Meter, state: TrainState,
-                 facts: Callable[[], RunFacts] | None = None) -> EvalRecord:  # fmt: skip
+    def evaluate(
+        self,
+        engine: DeepSpeedEngine,
+        meter: Meter,
+        state: TrainState,
+        facts: Callable[[], RunFacts] | None = None,
+    ) -> EvalRecord:
         """Every rank calls it at the same step (collectives inside)."""
         t0 = time.perf_counter()
         names = get_task(self.task).metric_names(self.labels)
         counts, loss_sum, batches = np.zeros((len(names), 3), dtype=np.int64), 0.0, 0
         if self.enabled:
             counts, loss_sum, batches = self._predict(engine, names)
-        summed = all_reduce([*counts.reshape(-1).tolist(), loss_sum, batches, *meter.totals()],
-                            engine.device)  # fmt: skip
+        summed = all_reduce(
+            [*counts.reshape(-1).tolist(), loss_sum, batches, *meter.totals()], engine.device
+        )
         n = counts.size
         counts = np.asarray(summed[:n], dtype=np.int64).reshape(len(names), 3)
         eval_loss, eval_batches = summed[n], summed[n + 1]
@@ -68,20 +81,32 @@ class Evaluator:
         scores = (
             _scores(counts, names, eval_loss / max(1.0, eval_batches)) if self.enabled else None
         )
-        return EvalRecord(step=state.step, epoch=state.epoch, stats=stats, scores=scores,
-                          facts=facts() if facts else None,
-                          eval_seconds=time.perf_counter() - t0)  # fmt: skip
+        return EvalRecord(
+            step=state.step,
+            epoch=state.epoch,
+            stats=stats,
+            scores=scores,
+            facts=facts() if facts else None,
+            eval_seconds=time.perf_counter() - t0,
+        )
 
-    def _predict(self, engine: Any, names: list[str]) -> tuple[np.ndarray, float, int]:
+    def _predict(self, engine: DeepSpeedEngine, names: list[str]) -> tuple[np.ndarray, float, int]:
         # Under ZeRO-3 every forward all-gathers parameters, so all ranks run as many batches as
         # the largest eval segment needs; each rank can work that number out by itself.
         most_rows = -(-self.total // self.world)
         engine.eval()
         result = evaluate_rows(
-            lambda b: engine(**b), self.rows, task=self.task, labels=self.labels, names=names,
-            tokenizer=self.tokenizer, max_length=self.max_length, batch_size=self.batch_size,
-            device=engine.device, min_batches=-(-most_rows // self.batch_size),
-        )  # fmt: skip
+            lambda b: engine(**b),
+            self.rows,
+            task=self.task,
+            labels=self.labels,
+            names=names,
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            device=engine.device,
+            min_batches=-(-most_rows // self.batch_size),
+        )
         engine.train()
         return result.counts, result.loss_sum, (result.batches if self.rows else 0)
 
@@ -89,25 +114,35 @@ class Evaluator:
         examples, tokens, padded, seconds, timed, *phases = summed
         seconds /= self.world  # ranks train concurrently: mean wall time, not the sum
         return TrainingStats(
-            first_step_unix=first, elapsed_seconds=elapsed,
-            train_examples=examples, train_tokens=tokens, train_seconds=seconds,
+            first_step_unix=first,
+            elapsed_seconds=elapsed,
+            train_examples=examples,
+            train_tokens=tokens,
+            train_seconds=seconds,
             examples_per_s=examples / seconds if seconds else 0.0,
             tokens_per_s=tokens / seconds if seconds else 0.0,
             padding_fraction=1 - tokens / padded if padded else 0.0,
-            step_breakdown={p: s / timed if timed else 0.0 for p, s in zip(PHASES, phases, strict=True)},
+            step_breakdown={
+                p: s / timed if timed else 0.0 for p, s in zip(PHASES, phases, strict=True)
+            },
             data_wait_fraction=phases[0] / timed if timed else 0.0,
-        )  # fmt: skip
+        )
 
 
 def _scores(counts: np.ndarray, names: list[str], loss: float) -> EvalScores:
     s = scores_from_counts(counts, names)
     micro, macro = s["micro"], s["macro"]
     return EvalScores(
-        eval_f1=micro["f1"], eval_precision=micro["precision"], eval_recall=micro["recall"],
-        eval_macro_f1=macro["f1"], eval_loss=loss, eval_counts=counts.tolist(),
-        eval_macro_precision=macro["precision"], eval_macro_recall=macro["recall"],
+        eval_f1=micro["f1"],
+        eval_precision=micro["precision"],
+        eval_recall=micro["recall"],
+        eval_macro_f1=macro["f1"],
+        eval_loss=loss,
+        eval_counts=counts.tolist(),
+        eval_macro_precision=macro["precision"],
+        eval_macro_recall=macro["recall"],
         eval_f1_per_label={name: row["f1"] for name, row in s["per_type"].items()},
-    )  # fmt: skip
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -117,3 +152,25 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def open_evaluator(
+    cfg: WorkerConfig, place: Placement, tokenizer: Tokenizer, labels: list[str]
+) -> Evaluator:
+    """This rank's evaluator; its part of the eval set is read here, once."""
+    rows: list[dict] = []
+    total, world = 0, place.world
+    if cfg.data.eval:
+        uri = cfg.data.eval
+        rows, total = read_eval_rows(uri, cfg.storage, cfg.task, rank=place.rank, world=world)
+    return Evaluator(
+        cfg.task,
+        labels,
+        tokenizer,
+        cfg.data.max_length,
+        cfg.train.batch_size,
+        world,
+        enabled=bool(cfg.data.eval),
+        rows=rows,
+        total=total,
+    )

@@ -22,34 +22,29 @@ pid in /tmp/f/waiting.pid until a test SIGKILLs it. See training/faults.py.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from shardtune.data.batching import micro_batches_per_epoch
-from shardtune.data.ledger import LedgerWriter, next_attempt
 from shardtune.data.logs import setup_logging
 from shardtune.data.manifest import read_manifest_compact
-from shardtune.data.run_layout import RunLayout
 from shardtune.data.shard_plan import ranges_len, train_segment
-from shardtune.data.tasks import get_task
 from shardtune.training import faults, session
 from shardtune.training.checkpoint import TrainState
 from shardtune.training.checkpointer import Checkpointer
 from shardtune.training.collective import all_reduce
 from shardtune.training.config import WorkerConfig
 from shardtune.training.ds_config import total_optimizer_steps
-from shardtune.training.evaluator import Evaluator, peak_memory_mb, read_eval_rows
-from shardtune.training.feed import DataFeed
-from shardtune.training.meter import Meter, Progress
+from shardtune.training.evaluator import Evaluator, open_evaluator, peak_memory_mb
+from shardtune.training.feed import DataFeed, open_feed, open_ledger
+from shardtune.training.meter import Meter, Progress, open_progress
 from shardtune.training.parameter_efficient import lora_module_names
 from shardtune.training.records import EvalRecord, EvalScores, RunFacts
 from shardtune.training.schedule import Cadence, checkpoint_due, early_stop_reason, report_due
 from shardtune.training.session import Placement
 from shardtune.training.step import Engine, Trainer, build_engine
-from shardtune.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -95,35 +90,36 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: WorkerConfig, place: Placement, restored: str | None) -> Run:
     """Data plan, model, DeepSpeed engine, resume, ledger and this rank's eval rows."""
-    tc, rank, world = cfg.train, place.rank, place.world
+    tc = cfg.train
     seed_everything(tc.seed)
     manifest = read_manifest_compact(cfg.data.train, cfg.storage)  # once per node
-    segment_len = len(train_segment(manifest.num_examples, world, rank))  # equal on all ranks
-    _, total_steps = total_optimizer_steps(segment_len, tc.batch_size, tc.grad_accum, tc.epochs,
-                                           tc.max_steps)  # fmt: skip
-    model = build_engine(cfg, manifest.labels, world, total_steps)
+    segment_len = len(train_segment(manifest.num_examples, place.world, place.rank))  # all equal
+    _, total_steps = total_optimizer_steps(
+        segment_len, tc.batch_size, tc.grad_accum, tc.epochs, tc.max_steps
+    )
+    model = build_engine(cfg, manifest.labels, place.world, total_steps)
     meter = Meter()  # the clock of this worker group's training starts here
-    feed = DataFeed(cfg.data, tc, cfg.storage, manifest=manifest, spec=get_task(cfg.task),
-                    tokenizer=model.tokenizer, rank=rank, world=world, meter=meter)  # fmt: skip
+    feed = open_feed(cfg, place, manifest, model.tokenizer, meter)
     trainer = Trainer(model.engine, tc.grad_accum, feed.pad_id, meter=meter)
-    checkpointer = Checkpointer(cfg.run_uri, cfg.storage, rank=rank, world=world,
-                                upload=tc.checkpoint_upload)  # fmt: skip
-    resumed = checkpointer.resume(model.engine, restored, num_examples=manifest.num_examples)
+    ck = Checkpointer(cfg.run_uri, cfg.storage, place, upload=tc.checkpoint_upload)
+    resumed = ck.resume(model.engine, restored, num_examples=manifest.num_examples)
     if resumed is not None:
         trainer.state = resumed
         total_steps = _steps_after_resplit(resumed, cfg, feed.micro_per_epoch, total_steps)
     if tc.ledger:  # opt-in record of the ids each rank consumes (data/ledger.py)
-        feed.ledger = _ledger(cfg, place, trainer, resumed is not None)
-    evaluator = _evaluator(cfg, place, model, manifest.labels)
-    run = Run(cfg, place, model, feed, trainer, evaluator, checkpointer,
-              _progress(cfg, place), total_steps, faults.parse_fault(cfg.fault))  # fmt: skip
-    if rank == 0:
+        resumed_step = resumed.step if resumed is not None else None
+        feed.ledger = open_ledger(cfg, place, trainer.device, resumed_step)
+    evaluator = open_evaluator(cfg, place, model.tokenizer, manifest.labels)
+    progress, fault = open_progress(cfg, place), faults.parse_fault(cfg.fault)
+    run = Run(cfg, place, model, feed, trainer, evaluator, ck, progress, total_steps, fault)
+    if place.rank == 0:
         _log_setup(run)
     return run
 
 
-def _steps_after_resplit(state: TrainState, cfg: WorkerConfig, micro_per_epoch: int,
-                         total_steps: int) -> int:  # fmt: skip
+def _steps_after_resplit(
+    state: TrainState, cfg: WorkerConfig, micro_per_epoch: int, total_steps: int
+) -> int:
     """Resumed with another world size, the epoch's rest was resplit: its micro-batches count."""
     if state.ranges is None:
         return total_steps
@@ -133,52 +129,28 @@ def _steps_after_resplit(state: TrainState, cfg: WorkerConfig, micro_per_epoch: 
     return min(total, tc.max_steps or total)
 
 
-def _ledger(cfg: WorkerConfig, place: Placement, trainer: Trainer, resumed: bool) -> LedgerWriter:
-    tc = cfg.train
-    mine = next_attempt(cfg.run_uri, cfg.storage) if place.rank == 0 else 0
-    attempt = int(all_reduce([mine], trainer.device, "max")[0])  # rank 0's, on every rank
-    return LedgerWriter(
-        cfg.run_uri, rank=place.rank, attempt=attempt, world_size=place.world,
-        options=cfg.storage, resumed_step=trainer.state.step if resumed else None,
-        data_uri=cfg.data.train, grad_accum=tc.grad_accum, batch_size=tc.batch_size,
-        length_grouping=tc.length_grouping,
-    )  # fmt: skip
-
-
-def _evaluator(cfg: WorkerConfig, place: Placement, model: Engine, labels: list[str]) -> Evaluator:
-    rows, total = ([], 0) if not cfg.data.eval else read_eval_rows(
-        cfg.data.eval, cfg.storage, cfg.task, rank=place.rank, world=place.world
-    )  # fmt: skip
-    return Evaluator(cfg.task, labels, model.tokenizer, cfg.data.max_length, cfg.train.batch_size,
-                     place.world, enabled=bool(cfg.data.eval), rows=rows, total=total)  # fmt: skip
-
-
-def _progress(cfg: WorkerConfig, place: Placement) -> Progress:
-    tc, tracker = cfg.train, None
-    if place.rank == 0:
-        tracker = Tracker(
-            cfg.tracking, cfg.run_uri, cfg.storage, run_name=os.path.basename(cfg.run_uri),
-            config_text=cfg.config_text,
-            hparams={"model": cfg.model.model_dump(), "train": tc.model_dump(), "workers": place.world},
-        )  # fmt: skip
-    return Progress(rank=place.rank, world=place.world, layout=RunLayout(cfg.run_uri),
-                    options=cfg.storage, epochs=tc.epochs, log_every=tc.log_every,
-                    grad_accum=tc.grad_accum, tracker=tracker)  # fmt: skip
-
-
 def _log_setup(run: Run) -> None:
     cfg, model, feed = run.cfg, run.model, run.feed
     if cfg.model.peft.method == "lora":
         log.info("LoRA wraps %s", ", ".join(lora_module_names(model.engine.module)))
-    log.info("%s parameters trainable of %s (peft: %s)", f"{model.trainable_params:,}",
-             f"{model.total_params:,}", cfg.model.peft.method)  # fmt: skip
+    log.info(
+        "%s parameters trainable of %s (peft: %s)",
+        f"{model.trainable_params:,}",
+        f"{model.total_params:,}",
+        cfg.model.peft.method,
+    )
     log.info(
         "%d workers x %d threads, %d training examples, %d micro-batches/epoch/worker, "
         "%d optimizer steps, ZeRO-%d %s, length groups of %d micro-batches",
-        run.place.world, torch.get_num_threads(), feed.manifest.num_examples,
-        feed.micro_per_epoch, run.total_steps, model.zero_stage, model.precision,
+        run.place.world,
+        torch.get_num_threads(),
+        feed.manifest.num_examples,
+        feed.micro_per_epoch,
+        run.total_steps,
+        model.zero_stage,
+        model.precision,
         cfg.train.length_grouping,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -214,11 +186,18 @@ def _epoch(run: Run, cadence: Cadence) -> bool:
             trainer.on_optimizer_step()
             faults.maybe_fail(run.fault, step=st.step, rank=run.place.rank)
             run.progress.on_step(st, trainer.meter, trainer.engine, run.total_steps)
-            due = report_due(cadence, "step", step=st.step, last_report_step=ck.last_report_step,
-                             minutes_since_checkpoint=ck.minutes_since_checkpoint())  # fmt: skip
+            due = report_due(
+                cadence,
+                "step",
+                step=st.step,
+                last_report_step=ck.last_report_step,
+                minutes_since_checkpoint=ck.minutes_since_checkpoint(),
+            )
             if _agreed(run, cadence, due):
                 report(run)
-            elif checkpoint_due(cadence, step=st.step, last_checkpoint_step=ck.last_checkpoint_step):  # fmt: skip
+            elif checkpoint_due(
+                cadence, step=st.step, last_checkpoint_step=ck.last_checkpoint_step
+            ):
                 checkpoint_only(run)
             if st.step >= run.total_steps or run.stop_reason:
                 return True
@@ -248,8 +227,9 @@ def report(run: Run, final: bool = False) -> None:
         st.eval_f1_history = (*st.eval_f1_history, record.scores.eval_f1)
         es = run.cfg.train.early_stopping
         run.stop_reason = early_stop_reason(list(st.eval_f1_history), es.patience, es.min_delta)
-    record = replace(record, stopped_early=run.stop_reason,
-                     final=final or run.stop_reason is not None)  # fmt: skip
+    record = replace(
+        record, stopped_early=run.stop_reason, final=final or run.stop_reason is not None
+    )
     record = run.progress.record(record)  # rank 0: with its loss points, to evals/ and trackers
     at_boundary = trainer.at_boundary
     _save(run, record.to_dict(counts=False), record.to_dict(), at_boundary)
@@ -269,21 +249,31 @@ def checkpoint_only(run: Run) -> None:
 
 def _save(run: Run, meta: dict, to_ray: dict, at_boundary: bool) -> None:
     run.feed.flush()  # the ledger, before the checkpoint exists: a resume never misses lines
-    run.checkpointer.save(run.trainer.engine, run.trainer.state, tokenizer=run.model.tokenizer,
-                          meta=meta, to_ray=to_ray, at_boundary=at_boundary)  # fmt: skip
+    run.checkpointer.save(
+        run.trainer.engine,
+        run.trainer.state,
+        tokenizer=run.model.tokenizer,
+        meta=meta,
+        to_ray=to_ray,
+        at_boundary=at_boundary,
+    )
 
 
 def _facts(run: Run) -> RunFacts:
     model, feed, world = run.model, run.feed, run.place.world
     return RunFacts(
-        precision=model.precision, zero_stage=model.zero_stage, workers=world,
+        precision=model.precision,
+        zero_stage=model.zero_stage,
+        workers=world,
         threads_per_worker=torch.get_num_threads(),
         words_without_subwords=feed.stats.words_without_subwords,
         sentences_split=feed.stats.sentences_split,
         padding_examples_per_epoch=feed.segment_len * world - feed.manifest.num_examples,
-        trainable_params=model.trainable_params, total_params=model.total_params,
-        peak_memory_mb=peak_memory_mb(run.trainer.device), peft=run.cfg.model.peft.method,
-    )  # fmt: skip
+        trainable_params=model.trainable_params,
+        total_params=model.total_params,
+        peak_memory_mb=peak_memory_mb(run.trainer.device),
+        peft=run.cfg.model.peft.method,
+    )
 
 
 # ---------------------------------------------------------------------------------------- close

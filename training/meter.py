@@ -7,15 +7,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
+import torch
 from shardtune.data import storage
 from shardtune.data.run_layout import RunLayout
+from shardtune.data.storage import StorageOptions
 from shardtune.training.checkpoint import TrainState
+from shardtune.training.config import WorkerConfig
 from shardtune.training.records import EvalRecord
+from shardtune.training.session import Placement
 from shardtune.training.tracking import Tracker, eval_scalars
+
+if TYPE_CHECKING:  # names for readers and the checker; imported only where a worker runs them
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger(__name__)
 PHASES = ("data", "forward", "backward", "optimizer")  # the per-step breakdown, in step order
@@ -34,7 +42,7 @@ class Meter:
     timed_seconds: float = 0.0  # the part of `seconds` whose phases were timed
     # Loss summed on the device since the last progress line, read only when logging: turning
     # it into a Python float every step would be a GPU-to-host sync point.
-    loss_sum: Any = 0.0
+    loss_sum: torch.Tensor | float = 0.0
     loss_n: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_step_unix: float | None = None  # wall clock of the group's first step (restart latency)
@@ -52,22 +60,40 @@ class Meter:
 
     def totals(self) -> list[float]:
         """The counters ranks sum at an evaluation, in `TrainingStats` order."""
-        return [self.examples, self.tokens, self.padded_tokens, self.seconds,
-                self.timed_seconds, *self.phase_seconds.values()]  # fmt: skip
+        return [
+            self.examples,
+            self.tokens,
+            self.padded_tokens,
+            self.seconds,
+            self.timed_seconds,
+            *self.phase_seconds.values(),
+        ]
 
 
 class Progress:
     """Rank 0's progress lines, evaluation records and tracker; silent on other ranks."""
 
-    def __init__(self, *, rank: int, world: int, layout: RunLayout, options: Any, epochs: int,
-                 log_every: int, grad_accum: int, tracker: Tracker | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world: int,
+        layout: RunLayout,
+        options: StorageOptions | None,
+        epochs: int,
+        log_every: int,
+        grad_accum: int,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.rank, self.world, self.layout, self.options = rank, world, layout, options
         self.epochs, self.log_every, self.grad_accum = epochs, log_every, grad_accum
         self.tracker = tracker
         self.loss_points: list[list[float]] = []  # [step, loss] since the last evaluation
         self.last: EvalRecord | None = None
 
-    def on_step(self, state: TrainState, meter: Meter, engine: Any, total_steps: int) -> None:
+    def on_step(
+        self, state: TrainState, meter: Meter, engine: DeepSpeedEngine, total_steps: int
+    ) -> None:
         """After an optimizer step: every `log_every` steps (and the first), one line."""
         step = state.step
         if self.rank != 0 or not (step % self.log_every == 0 or step == 1):
@@ -80,16 +106,30 @@ class Progress:
         self.loss_points.append([step, loss])
         if self.tracker is not None:
             norm = engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
-            self.tracker.log(step, {
-                "train/loss": loss, "train/learning_rate": lr, "train/tokens_per_s": rate,
-                "train/examples_per_s": examples_per_s,
-                "train/grad_norm": None if norm is None else float(norm),
-            })  # fmt: skip
+            self.tracker.log(
+                step,
+                {
+                    "train/loss": loss,
+                    "train/learning_rate": lr,
+                    "train/tokens_per_s": rate,
+                    "train/examples_per_s": examples_per_s,
+                    "train/grad_norm": None if norm is None else float(norm),
+                },
+            )
         log.info(
             "step %d/%d epoch %d/%d loss %.4f lr %.2e %.1f ex/s %.0f tok/s (%d workers) pad %.0f%% eta %s",
-            step, total_steps, state.epoch + 1, self.epochs, loss, lr, examples_per_s, rate, world,
-            100 * (1 - m.tokens / max(1, m.padded_tokens)), fmt_duration(eta),
-        )  # fmt: skip
+            step,
+            total_steps,
+            state.epoch + 1,
+            self.epochs,
+            loss,
+            lr,
+            examples_per_s,
+            rate,
+            world,
+            100 * (1 - m.tokens / max(1, m.padded_tokens)),
+            fmt_duration(eta),
+        )
 
     def record(self, record: EvalRecord) -> EvalRecord:
         """Rank 0, before the checkpoint: the record with the loss points since the last one,
@@ -99,8 +139,11 @@ class Progress:
         if self.rank != 0:
             return record
         record, self.loss_points = replace(record, train_loss_points=self.loss_points), []
-        storage.write_text(self.layout.eval_record(record.step),
-                           json.dumps(record.to_dict(), default=float), self.options)  # fmt: skip
+        storage.write_text(
+            self.layout.eval_record(record.step),
+            json.dumps(record.to_dict(), default=float),
+            self.options,
+        )
         self.last = record
         if self.tracker is not None:
             if record.scores is not None:
@@ -120,10 +163,16 @@ class Progress:
         log.info(
             "eval @ step %d: micro-F1 %.4f P %.4f R %.4f loss %.4f | %.0f tok/s, step time: "
             "data %.0f%% forward %.0f%% backward %.0f%% optimizer+comm %.0f%%, padding %.0f%%%s",
-            record.step, s.eval_f1, s.eval_precision, s.eval_recall, s.eval_loss,
-            stats.tokens_per_s, *(100 * b[p] for p in PHASES), 100 * stats.padding_fraction,
+            record.step,
+            s.eval_f1,
+            s.eval_precision,
+            s.eval_recall,
+            s.eval_loss,
+            stats.tokens_per_s,
+            *(100 * b[p] for p in PHASES),
+            100 * stats.padding_fraction,
             "" if at_boundary else " (no checkpoint: mid-accumulation)",
-        )  # fmt: skip
+        )
 
     def finish(self, step: int, started: float) -> None:
         """Training ended normally: the last line, and the tracker closed with final metrics."""
@@ -151,3 +200,28 @@ def fmt_duration(seconds: float) -> str:
         return "?"
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
+
+
+def open_progress(cfg: WorkerConfig, place: Placement) -> Progress:
+    """Progress for this rank; on rank 0 with the run's tracker (TensorBoard, MLflow, W&B)."""
+    tc, tracker, rank, world = cfg.train, None, place.rank, place.world
+    if rank == 0:
+        hparams = {"model": cfg.model.model_dump(), "train": tc.model_dump(), "workers": world}
+        tracker = Tracker(
+            cfg.tracking,
+            cfg.run_uri,
+            cfg.storage,
+            run_name=os.path.basename(cfg.run_uri),
+            config_text=cfg.config_text,
+            hparams=hparams,
+        )
+    return Progress(
+        rank=rank,
+        world=world,
+        layout=RunLayout(cfg.run_uri),
+        options=cfg.storage,
+        epochs=tc.epochs,
+        log_every=tc.log_every,
+        grad_accum=tc.grad_accum,
+        tracker=tracker,
+    )

@@ -95,8 +95,11 @@ class EvalRecord:
             scores = dataclasses.asdict(self.scores)
             out.update({k: v for k, v in scores.items() if v is not None})
         out["eval_seconds"] = self.eval_seconds
-        out.update(stopped_early=self.stopped_early, final=self.final,
-                   train_loss_points=self.train_loss_points)  # fmt: skip
+        out.update(
+            stopped_early=self.stopped_early,
+            final=self.final,
+            train_loss_points=self.train_loss_points,
+        )
         if not counts:
             out.pop("eval_counts", None)
         return out
@@ -106,15 +109,17 @@ class EvalRecord:
         """The record `to_dict` wrote. A part whose fields are missing is None; a missing field
         of a part that is there raises KeyError naming it (worker and head disagree)."""
         return cls(
-            step=int(d["step"]), epoch=int(d["epoch"]),
+            step=int(d["step"]),
+            epoch=int(d["epoch"]),
             stats=_part(TrainingStats, d, "train_examples"),
             facts=_part(RunFacts, d, "precision"),
             scores=_part(EvalScores, d, "eval_f1"),
-            eval_seconds=d.get("eval_seconds"), stopped_early=d.get("stopped_early"),
+            eval_seconds=d.get("eval_seconds"),
+            stopped_early=d.get("stopped_early"),
             final=bool(d.get("final", False)),
             train_loss_points=list(d.get("train_loss_points") or []),
             checkpoint_only=bool(d.get("checkpoint_only", False)),
-        )  # fmt: skip
+        )
 
     def eval_summary(self) -> dict[str, Any]:
         """The report's `best_eval`: the scores (no counts) and how long evaluating took."""

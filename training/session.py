@@ -40,6 +40,10 @@ def report(metrics: dict, *, checkpoint_dir: str | None, name: str | None, uploa
     checkpoint = (
         None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(checkpoint_dir)
     )
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                     checkpoint_dir_name=name if checkpoint else None)  # fmt: skip
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_upload_mode=mode,
+        checkpoint_dir_name=name if checkpoint else None,
+    )
     return checkpoint is not None and mode == CheckpointUploadMode.ASYNC

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from shardtune.data.collate import collate
@@ -24,6 +24,10 @@ from shardtune.training.meter import PHASES, Meter
 from shardtune.training.model import build_model, build_tokenizer, resolve_model_dir
 from shardtune.training.parameter_efficient import apply_peft, parameter_counts
 
+if TYPE_CHECKING:  # names for readers and the checker; imported only where a worker runs them
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
 CUDA_TIMING_EVERY = 20  # on a GPU, time the phases of every 20th micro-batch (needs syncs)
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -32,8 +36,8 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 class Engine:
     """What `build_engine` made, and how it runs on this device and world size."""
 
-    engine: Any  # deepspeed.DeepSpeedEngine
-    tokenizer: Any
+    engine: DeepSpeedEngine
+    tokenizer: Tokenizer
     precision: str
     zero_stage: int
     trainable_params: int
@@ -57,19 +61,34 @@ def build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: 
     model = apply_peft(model, cfg.model.peft, get_task(cfg.task).head_class, cfg.model.name_or_path)
     trainable, total = parameter_counts(model)
     on_gpu = cfg.use_gpu and torch.cuda.is_available()
-    precision = resolve_precision(tc.precision, on_gpu=on_gpu, cpu_flags=read_cpu_flags(),
-                                  gpu_bf16=on_gpu and torch.cuda.is_bf16_supported())  # fmt: skip
+    precision = resolve_precision(
+        tc.precision,
+        on_gpu=on_gpu,
+        cpu_flags=read_cpu_flags(),
+        gpu_bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    )
     stage = effective_zero_stage(tc.zero_stage, world, tc.offload)
     ds_config = build_deepspeed_config(
-        batch_size=tc.batch_size, grad_accum=tc.grad_accum, world_size=world, lr=tc.lr,
-        weight_decay=tc.weight_decay, warmup=tc.warmup, total_steps=total_steps,
-        precision=precision, zero_stage=stage, offload=tc.offload, grad_clip=tc.grad_clip,
-    )  # fmt: skip
+        batch_size=tc.batch_size,
+        grad_accum=tc.grad_accum,
+        world_size=world,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        warmup=tc.warmup,
+        total_steps=total_steps,
+        precision=precision,
+        zero_stage=stage,
+        offload=tc.offload,
+        grad_clip=tc.grad_clip,
+    )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen: no Adam
     groups = [
-        {"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": tc.weight_decay},
+        {
+            "params": [p for n, p in named if not n.endswith(NO_DECAY)],
+            "weight_decay": tc.weight_decay,
+        },
         {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
-    ]  # fmt: skip
+    ]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if world == 1 and stage == 0:
         # Alone, DeepSpeed still flattens every gradient into buckets, "all-reduces" them with
@@ -83,7 +102,7 @@ def build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: 
 class Trainer:
     """Runs micro-batches through the engine and counts them in the meter."""
 
-    engine: Any  # deepspeed.DeepSpeedEngine
+    engine: DeepSpeedEngine
     grad_accum: int
     pad_id: int
     state: TrainState = field(default_factory=TrainState)

@@ -30,10 +30,15 @@ log = logging.getLogger(__name__)
 def eval_scalars(scores: EvalScores) -> dict[str, float | None]:
     """An evaluation's scalars by tag (pure): micro and macro P/R/F1, loss, F1 per label."""
     s = scores
-    out = {"eval/f1": s.eval_f1, "eval/precision": s.eval_precision,
-           "eval/recall": s.eval_recall, "eval/loss": s.eval_loss,
-           "eval/macro_f1": s.eval_macro_f1, "eval/macro_precision": s.eval_macro_precision,
-           "eval/macro_recall": s.eval_macro_recall}  # fmt: skip
+    out = {
+        "eval/f1": s.eval_f1,
+        "eval/precision": s.eval_precision,
+        "eval/recall": s.eval_recall,
+        "eval/loss": s.eval_loss,
+        "eval/macro_f1": s.eval_macro_f1,
+        "eval/macro_precision": s.eval_macro_precision,
+        "eval/macro_recall": s.eval_macro_recall,
+    }
     out.update({f"eval_f1/{name}": f1 for name, f1 in (s.eval_f1_per_label or {}).items()})
     return out
 
@@ -42,8 +47,16 @@ class Tracker:
     """Rank 0's writers. Every method is a no-op for points at or before `floor` (already in
     storage from an earlier attempt of this run)."""
 
-    def __init__(self, section: TrackingSection, run_uri: str, options: Any, *, run_name: str,
-                 config_text: str, hparams: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        section: TrackingSection,
+        run_uri: str,
+        options: Any,
+        *,
+        run_name: str,
+        config_text: str,
+        hparams: dict,
+    ) -> None:
         self.section, self.layout, self.options = section, RunLayout(run_uri), options
         state_uri = self.layout.tracking_state
         self.state = (
@@ -93,10 +106,16 @@ class Tracker:
         w = self.section.wandb
         run_id = self.state.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
         return wandb.init(  # into {dir}/wandb/, which close() copies to {run}/wandb/
-            project=w.project, entity=w.entity, mode=w.mode, id=run_id, resume="allow",
-            name=run_name, dir=self.local, config=self.hparams,
+            project=w.project,
+            entity=w.entity,
+            mode=w.mode,
+            id=run_id,
+            resume="allow",
+            name=run_name,
+            dir=self.local,
+            config=self.hparams,
             settings=wandb.Settings(silent=True),
-        )  # fmt: skip
+        )
 
     def _save_state(self) -> None:
         storage.write_text(
@@ -142,7 +161,9 @@ class Tracker:
         if final and self.tb is not None and step > self.floor:
             from torch.utils.tensorboard.summary import hparams
 
-            for summary in hparams(_flat(self.hparams), {f"hparams/{k}": v for k, v in final.items()}):  # fmt: skip
+            for summary in hparams(
+                _flat(self.hparams), {f"hparams/{k}": v for k, v in final.items()}
+            ):
                 self.tb.file_writer.add_summary(summary, step)
             self.log(step, {f"hparams/{k}": v for k, v in final.items()})
         self.flush(step)
@@ -165,5 +186,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)  # fmt: skip
+            out[f"{prefix}{key}"] = (
+                value if isinstance(value, int | float | str | bool) else str(value)
+            )
     return out
