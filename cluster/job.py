@@ -17,7 +17,7 @@ from typing import Any
 
 from shardtune.cluster.config import JobConfig, to_public_dict
 from shardtune.data import storage
-from shardtune.data.manifest import read_manifest
+from shardtune.data.manifest import Manifest, read_manifest
 from shardtune.data.run_layout import RunLayout
 from shardtune.training.records import EvalRecord, RunFacts, TrainingStats
 
@@ -268,8 +268,16 @@ def _remote_evaluate(job: JobConfig, model_uri: str) -> dict:
     )
 
 
-def build_report(job: JobConfig, *, best: tuple[str, EvalRecord], history: list[EvalRecord],
-                 test: dict | None, model_uri: str, wall_s: float, train_manifest: Any) -> dict:  # fmt: skip
+def build_report(
+    job: JobConfig,
+    *,
+    best: tuple[str, EvalRecord],
+    history: list[EvalRecord],
+    test: dict | None,
+    model_uri: str,
+    wall_s: float,
+    train_manifest: Manifest,
+) -> dict:
     """report.json from the workers' records (pure): the best checkpoint's scores, the last
     record's throughput and setup, and every evaluation."""
     last = history[-1] if history else None
@@ -308,10 +316,18 @@ def build_report(job: JobConfig, *, best: tuple[str, EvalRecord], history: list[
     }
 
 
+THROUGHPUT_KEYS = (
+    "train_examples_per_s",
+    "train_tokens_per_s",
+    "train_examples",
+    "train_tokens",
+    "train_seconds",
+)
+
+
 def _throughput(stats: TrainingStats | None) -> dict[str, Any]:
     if stats is None:
-        return dict.fromkeys(("train_examples_per_s", "train_tokens_per_s", "train_examples",
-                              "train_tokens", "train_seconds"))  # fmt: skip
+        return dict.fromkeys(THROUGHPUT_KEYS)
     return {
         "train_examples_per_s": stats.examples_per_s,
         "train_tokens_per_s": stats.tokens_per_s,
@@ -386,9 +402,14 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
     last = [EvalRecord.from_dict(result.metrics)] if result.metrics else []
     history = read_evaluations(job) or last
     report = build_report(
-        job, best=(best[0], EvalRecord.from_dict(best[1])), history=history, test=test,
-        model_uri=model_uri, wall_s=time.perf_counter() - t0, train_manifest=train_manifest,
-    )  # fmt: skip
+        job,
+        best=(best[0], EvalRecord.from_dict(best[1])),
+        history=history,
+        test=test,
+        model_uri=model_uri,
+        wall_s=time.perf_counter() - t0,
+        train_manifest=train_manifest,
+    )
     from shardtune.cluster.plots import write_plots
 
     layout = run_layout(job)

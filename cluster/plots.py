@@ -31,9 +31,13 @@ def draw_plots(report: dict[str, Any], out_dir: str) -> list[str]:
             ax.plot(*zip(*loss, strict=True), label="training loss", color="tab:blue")
         if evals:
             steps = [step for step, _ in evals]
-            ax.plot(steps, [s.eval_loss for _, s in evals], "o--", label="dev loss", color="tab:cyan")  # fmt: skip
+            ax.plot(
+                steps, [s.eval_loss for _, s in evals], "o--", label="dev loss", color="tab:cyan"
+            )
             f1_ax = ax.twinx()
-            f1_ax.plot(steps, [s.eval_f1 for _, s in evals], "o-", color="tab:red", label="dev micro-F1")  # fmt: skip
+            f1_ax.plot(
+                steps, [s.eval_f1 for _, s in evals], "o-", color="tab:red", label="dev micro-F1"
+            )
             f1_ax.set_ylabel("dev micro-F1")
             f1_ax.set_ylim(0, 1)
             f1_ax.legend(loc="upper right")
