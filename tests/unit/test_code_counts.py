@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("data", "training", "cluster", "serving")
 PACKAGE_FILES = ("launch.py", "__init__.py", "__main__.py")
 
-# counted 2026-12-08 (issue 16), while others were removing some: never raise these
-BASELINE_ANY = 149
-BASELINE_FMT_SKIP = 148
+# counted 2026-12-08 00:50 UTC (issue 16) while others were removing some: lower, never raise
+BASELINE_ANY = 140
+BASELINE_FMT_SKIP = 91
 
 
 def package_sources() -> list[Path]:
