@@ -81,14 +81,7 @@ def build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: 
         offload=tc.offload,
         grad_clip=tc.grad_clip,
     )
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen: no Adam
-    groups = [
-        {
-            "params": [p for n, p in named if not n.endswith(NO_DECAY)],
-            "weight_decay": tc.weight_decay,
-        },
-        {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
-    ]
+    groups = param_groups(model, tc.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if world == 1 and stage == 0:
         # Alone, DeepSpeed still flattens every gradient into buckets, "all-reduces" them with
@@ -96,6 +89,16 @@ def build_engine(cfg: WorkerConfig, labels: list[str], world: int, total_steps: 
         # an identity. Skipping it changes no number.
         engine.enable_backward_allreduce = False
     return Engine(engine, tokenizer, precision, stage, trainable, total)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: no weight decay on biases and norms; frozen parameters get no Adam state."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not n.endswith(NO_DECAY)]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+    ]
 
 
 @dataclass
