@@ -1,18 +1,24 @@
-"""Scale simulation (issue 13): the costs that used to grow with shards or ranks, measured on
-this machine before (the code at BASE, loaded from git) and after (the working tree).
+"""Scale simulation (issue 13): the costs that used to grow with shards or ranks, before (the
+code at BASE) and after (the working tree). Every row says, per column, whether its figure was
+measured on this machine or modelled (worked out from sizes and counts, the old code not run):
 
-    python -m bench.scale_sim [--shards 10000 100000 1000000] [--ranks 256]
+    python -m bench.scale_sim [--shards 10000 100000 1000000] [--ranks 256] [--skip ...]
 
-Measured: per-row plan lookup cost, plan build time and memory (tracemalloc peak), manifest
-bytes a rank reads per start (JSON read twice per rank vs the compact index once per node of 8),
-GETs and bytes one rank makes on resume from a fake 256-rank ZeRO-2 checkpoint on the S3
-endpoint on loopback (file sizes scaled down 1000x, bytes reported scaled back up). Worked out
-from XLM-R-large's parameter count rather than measured: bytes written per checkpoint by rank 0
-and by the others, and the split assignment's memory in `prepare`. Also: ledger bytes per epoch
-(the old line-per-micro-batch format sampled, the compact writer run over one rank's epoch),
-eval read amplification at 256 ranks (real row-group reads), and `prepare` rows/s and peak RSS
-one process vs `--ray` on a synthetic corpus (1e6 sentences by default: 1e7 takes long on 2
-shared cores). `--skip plan resume ledger eval prepare` leaves parts out. Not a test.
+Measured, both columns: the per-row plan lookup and the plan build (time, tracemalloc peak), the
+old plan loaded from git at BASE. Measured after, modelled before: GETs and bytes one rank makes
+on resume from a fake 256-rank ZeRO-2 checkpoint on the S3 endpoint on loopback (file sizes
+scaled down 1000x, bytes scaled back up; before = every object of the checkpoint, which is what
+the old code fetched, plus XLM-R-large's fp32 hf_model/), ledger bytes per epoch (the compact
+LedgerWriter run over one rank's epoch; before = the old one-JSON-line-per-micro-batch format
+sampled), eval read amplification at 256 ranks (read_span's row-group reads; before = every shard
+a rank's slice touches, whole), the split assignment's peak memory (split_of streamed over 1e5
+and 1e6 keys; before = a 1e9-row permutation plus its index array). Measured sizes, modelled
+reads: manifest bytes per rank per start (the JSON manifest and the compact index serialized for
+real; the old code read the JSON twice per rank, the new one the index once per node of 8).
+Modelled, both columns: bytes written per checkpoint (XLM-R-large's parameter count). `prepare`
+rows/s and peak RSS are measured, one process vs `--ray` (both the current code). The table goes
+to docs/bench/scale_sim.md (bench/results.py). `--skip plan resume ledger eval split prepare`
+leaves parts out (`prepare` starts a local Ray). Not a test.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import tracemalloc
 import types
 from pathlib import Path
 
-from tests.testkit import LocalS3, use_dummy_credentials
 from shardtune.data import storage
 from shardtune.data.manifest import Manifest, ShardInfo, to_index
 from shardtune.data.shard_plan import EpochPlan
 from shardtune.training import checkpoint as ckpt
+
+from bench.results import publish
+from tests.testkit import LocalS3, use_dummy_credentials
 
 BASE = "fbefd52"  # the last commit before issue 13's changes
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +229,20 @@ def synthetic_corpus(root: Path, sentences: int, files: int) -> list[str]:
     return out
 
 
+def split_assignment_peak(n: int) -> float:
+    """tracemalloc peak (bytes) of assigning `n` examples to splits as `prepare` does: split_of
+    on each example's key as it streams by, counted, nothing kept per example."""
+    from shardtune.data.prepare import split_of
+
+    split, counts = {"train": 0.8, "dev": 0.1, "test": 0.1}, [0, 0, 0]
+    tracemalloc.start()
+    for i in range(n):
+        counts[split_of(f'{{"tokens": ["w{i}"]}}'.encode(), split, 0)] += 1
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
 PREPARE_CHILD = """
 import json, logging, resource, sys, time
 from shardtune.data.prepare import prepare
@@ -261,6 +283,16 @@ def prepare_costs(sentences: int, files: int) -> dict:
     return out
 
 
+MEASURED, MODELLED = "measured", "modelled"
+
+
+def table(rows: list[tuple[str, str, str, str, str]]) -> str:
+    """Markdown: cost, before, after, and whether each of the two was measured or modelled."""
+    lines = [f"| cost | before ({BASE}) | after | before is | after is |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shards", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -269,22 +301,23 @@ def main() -> None:
                    help="synthetic corpus size for the prepare figures (1e7 takes long on 2 cores)")  # fmt: skip
     p.add_argument("--prepare-files", type=int, default=8)
     p.add_argument("--skip", nargs="*", default=[], choices=["plan", "resume", "ledger", "eval",
-                                                              "prepare"])  # fmt: skip
+                                                              "split", "prepare"])  # fmt: skip
     args = p.parse_args()
     old = old_module("data/shard_plan.py")
     rows = []
+    notes = []
     for n in args.shards if "plan" not in args.skip else []:
         b_us, b_s, b_mb = plan_costs(old.EpochPlan, n, per_row_walk=True)
         a_us, a_s, a_mb = plan_costs(EpochPlan, n, per_row_walk=False)
-        rows.append(
-            (f"plan lookup per row, {n:,} shards", f"{b_us * 1000:.0f} ns", f"{a_us * 1000:.1f} ns")
-        )
+        rows.append((f"plan lookup per row, {n:,} shards", f"{b_us * 1000:.0f} ns",
+                     f"{a_us * 1000:.1f} ns", MEASURED, MEASURED))  # fmt: skip
         rows.append((f"plan build, {n:,} shards", f"{b_s:.3f} s / {b_mb:.1f} MB",
-                     f"{a_s:.3f} s / {a_mb:.1f} MB"))  # fmt: skip
+                     f"{a_s:.3f} s / {a_mb:.1f} MB", MEASURED, MEASURED))  # fmt: skip
         js, idx = manifest_bytes(n)
         rows.append((f"manifest bytes read per rank per start, {n:,} shards",
                      f"{2 * js / 1e6:.1f} MB (JSON x2)", f"{idx / RANKS_PER_NODE / 1e6:.2f} MB "
-                     f"(index, 1 per node of {RANKS_PER_NODE})"))  # fmt: skip
+                     f"(index, 1 per node of {RANKS_PER_NODE})",
+                     f"{MODELLED} (size {MEASURED})", f"{MODELLED} (size {MEASURED})"))  # fmt: skip
     if "resume" not in args.skip:
         use_dummy_credentials()
         with LocalS3() as server:
@@ -297,42 +330,55 @@ def main() -> None:
             r = resume_costs(uri, args.ranks, options)
         hf_model = 4 * XLMR_PARAMS  # fp32 safetensors rank 0 wrote into every old checkpoint
         rows.append((f"GETs per rank on resume, {args.ranks} ranks", f"{r['before'][0]:,} (+hf_model/)",
-                     f"{r['after'][0]}"))  # fmt: skip
+                     f"{r['after'][0]}", f"{MODELLED} (objects listed)", MEASURED))  # fmt: skip
         rows.append((f"bytes per rank on resume, {args.ranks} ranks (XLM-R-large)",
                      f"{(r['before'][1] * SCALE + hf_model) / 1e9:.1f} GB",
-                     f"{r['after'][1] * SCALE / 1e9:.2f} GB"))  # fmt: skip
+                     f"{r['after'][1] * SCALE / 1e9:.2f} GB",
+                     f"{MODELLED} (objects listed)", f"{MEASURED} (1/{SCALE} scale)"))  # fmt: skip
         shared, part = 2 * XLMR_PARAMS, 12 * XLMR_PARAMS // args.ranks
         rows.append(("bytes written per checkpoint, rank 0 (XLM-R-large)",
-                     f"{(shared + part + hf_model) / 1e9:.2f} GB", f"{(shared + part) / 1e9:.2f} GB"))  # fmt: skip
+                     f"{(shared + part + hf_model) / 1e9:.2f} GB", f"{(shared + part) / 1e9:.2f} GB",
+                     MODELLED, MODELLED))  # fmt: skip
         rows.append(("bytes written per checkpoint, each other rank", f"{part / 1e6:.0f} MB",
-                     f"{part / 1e6:.0f} MB"))  # fmt: skip
-        rows.append(("prepare: split-assignment memory at 1e9 rows", "10 GB (permutation + array)",
-                     "O(1) (hash per example)"))  # fmt: skip
+                     f"{part / 1e6:.0f} MB", MODELLED, MODELLED))  # fmt: skip
+        notes.append(f"The fake {args.ranks}-rank checkpoint took {made:.0f} s to write to the "
+                     "loopback S3.")  # fmt: skip
     if "ledger" not in args.skip:
         for grouping in (1, 64):  # 64: the default length_grouping
             b, a = ledger_bytes(args.ranks, batch=16, grouping=grouping, flush_every=500)
             rows.append((f"ledger bytes per epoch, 1e9 rows, batch 16, length_grouping {grouping}",
-                         f"{b / 1e9:.1f} GB", f"{a / 1e6:.1f} MB"))  # fmt: skip
+                         f"{b / 1e9:.1f} GB", f"{a / 1e6:.1f} MB",
+                         f"{MODELLED} (old format sampled)", MEASURED))  # fmt: skip
     if "eval" not in args.skip:
         b, a = eval_amplification(args.ranks, rows=100_000, shard_rows=10_000)
         rows.append((f"eval read amplification, 1e5-row eval set, {args.ranks} ranks",
-                     f"{b:.1f}x", f"{a:.1f}x"))  # fmt: skip
+                     f"{b:.1f}x", f"{a:.1f}x", f"{MODELLED} (whole shards)", MEASURED))  # fmt: skip
+    if "split" not in args.skip:
+        small, large = split_assignment_peak(100_000), split_assignment_peak(1_000_000)
+        rows.append(("prepare: split-assignment memory", "10 GB at 1e9 rows (permutation + array)",
+                     f"{small / 1e3:.0f} KB at 1e5 rows, {large / 1e3:.0f} KB at 1e6",
+                     MODELLED, MEASURED))  # fmt: skip
     if "prepare" not in args.skip:
         n = args.prepare_sentences
         c = prepare_costs(n, args.prepare_files)
         one, ray = c["single"], c["ray"]
         rows.append((f"prepare rows/s, {n:,} sentences in {args.prepare_files} files "
-                     f"({os.cpu_count()} cores)", f"{one['rows_per_s']:,.0f} (one process)",
-                     f"{ray['rows_per_s']:,.0f} (--ray)"))  # fmt: skip
-        rows.append(("prepare peak memory", f"{one['driver_peak_kb'] / 1e3:.0f} MB",
+                     f"({os.cpu_count()} cores): one process / --ray", f"{one['rows_per_s']:,.0f}",
+                     f"{ray['rows_per_s']:,.0f}", f"{MEASURED} (one process)",
+                     f"{MEASURED} (--ray)"))  # fmt: skip
+        rows.append(("prepare peak memory: one process / --ray", f"{one['driver_peak_kb'] / 1e3:.0f} MB",
                      f"{ray['driver_peak_kb'] / 1e3:.0f} MB driver, "
-                     f"{ray['worker_peak_kb'] / 1e3:.0f} MB per task process"))  # fmt: skip
-    w = max(len(a) for a, _, _ in rows)
-    print(f"{'cost':<{w}}  {'before (' + BASE + ')':<34}  after")
-    for a, b, c in rows:
-        print(f"{a:<{w}}  {b:<34}  {c}")
-    if "resume" not in args.skip:
-        print(f"(fake {args.ranks}-rank checkpoint written to the loopback S3 in {made:.0f} s)")
+                     f"{ray['worker_peak_kb'] / 1e3:.0f} MB per task process",
+                     f"{MEASURED} (one process)", f"{MEASURED} (--ray)"))  # fmt: skip
+    left_out = [part for part in ("plan", "resume", "ledger", "eval", "split", "prepare")
+                if part in args.skip]  # fmt: skip
+    if left_out:
+        notes.append(f"Left out of this run (--skip): {', '.join(left_out)}.")
+    text = table(rows)
+    print(text)
+    notes.insert(0, f"before: the code at {BASE} where measured; modelled figures come from "
+                    "sizes and counts (see bench/scale_sim.py's docstring for each row).")  # fmt: skip
+    print(f"wrote {publish('scale_sim', text, notes=' '.join(notes))}")
 
 
 if __name__ == "__main__":
