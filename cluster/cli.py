@@ -11,15 +11,19 @@ shardtune evaluate --model s3://bucket/runs/x/model --data s3://bucket/ds/test [
 shardtune report s3://bucket/runs/x                 # the report table again; plots redrawn
 shardtune --log-level DEBUG train ...              # progress and status lines go to stderr
 shardtune serve --model s3://bucket/runs/x/model [--port 8000]   # HTTP API until Ctrl-C
+    (train, prepare --ray, serve: --address / cluster.address, else RAY_ADDRESS inside a Ray
+    job, else a fresh local Ray of their own; cluster/ray_runtime.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import os
 import sys
+from collections.abc import Callable
+from typing import Any, get_args, get_type_hints
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +39,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
-    return value
+def _number(kind: type, low: float | None = None, high: float | None = None) -> Callable:
+    """argparse `type` for an int or float within [low, high]; the message names the bound."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive_int = _number(int, low=1)
 
 
 def _split(text: str) -> dict[str, float]:
@@ -69,6 +74,33 @@ def _storage_args(p: argparse.ArgumentParser) -> None:
         "--endpoint-url", help="S3-compatible endpoint (credentials from the AWS environment)"
     )
     p.add_argument("--profile", help="named AWS profile")
+
+
+def _address_arg(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument(
+        "--address",
+        help=f"join this Ray cluster{when} (default: RAY_ADDRESS inside a Ray job, else a fresh "
+        "local Ray of its own)",
+    )
+
+
+def _settings_args(p: argparse.ArgumentParser, model: type) -> None:
+    """One --flag per field of a settings dataclass (serving/settings.py), its type, default,
+    bounds, choices and help read from the field, so a default is written once, in the model."""
+    hints = get_type_hints(model)
+    for f in dataclasses.fields(model):
+        kind = next(t for t in get_args(hints[f.name]) or [hints[f.name]] if t is not type(None))
+        meta, required = f.metadata, f.default is dataclasses.MISSING
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, required=required,
+            default=None if required else f.default, choices=meta["choices"],
+            type=_number(kind, meta["low"], meta["high"]) if kind in (int, float) else kind,
+            help=meta["doc"] + ("" if required or f.default is None else " (default: %(default)s)"),
+        )  # fmt: skip
+
+
+def _settings(model: type, args: argparse.Namespace) -> Any:
+    return model(**{f.name: getattr(args, f.name) for f in dataclasses.fields(model)})
 
 
 def _options(args: argparse.Namespace):
@@ -101,7 +133,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     manifests = prepare(
         args.task, args.input, args.output, shards=args.shards, shard_size=args.shard_size,
         split=args.split, seed=args.seed, options=_options(args), fmt=args.format,
-        append=args.append, pool=ray_pool() if args.ray else None,
+        append=args.append, pool=ray_pool(args.address) if args.ray else None,
     )  # fmt: skip
     for name, m in manifests.items():
         log.info(
@@ -112,18 +144,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def ray_pool():
+def ray_pool(address: str | None = None):
     """`prepare --ray`'s map: one Ray task per work item (an input file), results in input
-    order. Joins RAY_ADDRESS (inside a Ray job) or starts a local Ray of its own, as `train` does."""
+    order, on the Ray that `train` would use (cluster/ray_runtime.py)."""
     import ray
+    from shardtune.cluster import ray_runtime
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
-        else:
-            from shardtune.cluster.job import start_local_ray
-
-            start_local_ray(os.cpu_count() or 1)
+    ray_runtime.connect(address)
 
     def pool(fn, items: list) -> list:
         task = ray.remote(num_cpus=1, max_retries=2)(fn)  # a lost node reruns its files
@@ -198,55 +225,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # Lazy: Ray Serve and FastAPI load only for this verb (and only with the `serve` extra).
-    from shardtune.serving.app import ServeSettings
-    from shardtune.serving.server import check_port, resolve_ingress, run_server
+    import functools
 
+    from shardtune.cluster import ray_runtime
+
+    # Lazy: Ray Serve and FastAPI load only for this verb (and only with the `serve` extra).
+    from shardtune.serving.server import check_port, resolve_ingress, run_server
+    from shardtune.serving.settings import ServerOptions, ServeSettings
+
+    joined = ray_runtime.cluster_address(args.address) is not None
     try:
-        settings = ServeSettings(
-            model=args.model, endpoint_url=args.endpoint_url, profile=args.profile,
-            replicas=args.replicas, max_batch_size=args.max_batch_size,
-            batch_wait_ms=args.batch_wait_ms, forward_batch_size=args.forward_batch_size,
-            concurrent_batches=args.concurrent_batches,
-            max_queued_requests=args.max_queued_requests, max_texts=args.max_texts,
-            max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-            num_cpus=args.num_cpus, num_gpus=args.num_gpus, precision=args.precision,
-        )  # fmt: skip
-        resolve_ingress(args.ingress, replicas=args.replicas, joined=args.address is not None)
-        if args.address is None:  # a joined cluster's port belongs to its Serve proxy
-            check_port(args.host, args.port)
+        settings, server = _settings(ServeSettings, args), _settings(ServerOptions, args)
+        resolve_ingress(server.ingress, replicas=settings.replicas, joined=joined)
+        if not joined:  # a joined cluster's port belongs to its Serve proxy
+            check_port(server.host, server.port)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_server(
-        settings, host=args.host, port=args.port, address=args.address, ingress=args.ingress
-    )
+    # No dashboard: Serve runs no Ray Train, whose placement groups need the State API guard.
+    session = functools.partial(ray_runtime.session, args.address, dashboard=False)
+    return run_server(settings, server, ray_session=session, joined=joined)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from shardtune.data.device import INFERENCE_PRECISIONS
-    from shardtune.serving import INGRESS_MODES
+    from shardtune.data.hf_corpus import KINDS as HF_KINDS
+    from shardtune.data.tasks import TASK_NAMES
+    from shardtune.serving.settings import ServerOptions, ServeSettings
 
     parser = _Parser(
         prog="shardtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
+        "--log-level", default="INFO", type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="progress and status lines on stderr at this level or above (default INFO)",
-    )
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="verb")
 
-    from shardtune.data.hf_corpus import KINDS as HF_KINDS
-    from shardtune.data.tasks import TASK_NAMES
+    def verb(
+        name: str, fn: Callable, help: str, *, storage: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(fn=fn)
+        if storage:
+            _storage_args(p)
+        return p
 
-    p = sub.add_parser(
-        "prepare",
-        help="raw corpus (CoNLL/JSONL/CSV, or a Hugging Face dataset: save_to_disk directory, "
-        "Parquet) -> Parquet shards + manifest.json",
-    )
+    p = verb("prepare", cmd_prepare, "raw corpus (CoNLL/JSONL/CSV, or a Hugging Face dataset: "
+             "save_to_disk directory, Parquet) -> Parquet shards + manifest.json")  # fmt: skip
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     p.add_argument(
         "--input", nargs="+", required=True,
@@ -258,15 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="input format when the file name does not say (default: by extension or "
         "directory contents); hf-json / hf-csv read JSON Lines / CSV through `datasets`",
     )  # fmt: skip
-    p.add_argument(
-        "--output", required=True, help="dataset URI (with --split: one dataset per split under it)"
-    )
+    p.add_argument("--output", required=True,
+                   help="dataset URI (with --split: one dataset per split under it)")  # fmt: skip
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shards", type=_positive_int, help="number of shards")
     size.add_argument("--shard-size", type=_positive_int, help="examples per shard (default 10000)")
-    p.add_argument(
-        "--split", type=_split, help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)"
-    )
+    p.add_argument("--split", type=_split,
+                   help="e.g. train=0.8,dev=0.1,test=0.1 (deterministic by --seed)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--append", action="store_true",
@@ -276,90 +301,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ray", action="store_true",
         help="validate and write shards as Ray tasks, one per input file, in parallel (for "
-        "corpora given as many files; the same output). Joins RAY_ADDRESS or starts a local Ray",
+        "corpora given as many files; the same output)",
     )  # fmt: skip
-    _storage_args(p)
-    p.set_defaults(fn=cmd_prepare)
+    _address_arg(p, " with --ray")
 
-    p = sub.add_parser("train", help="run a job file on Ray (local, or cluster.address)")
+    p = verb("train", cmd_train, "run a job file on Ray (local, or cluster.address)", storage=False)
     p.add_argument("--config", required=True, help="YAML job file")
     p.add_argument(
-        "--fresh",
-        action="store_true",
+        "--fresh", action="store_true",
         help="delete {output}/{name} first instead of resuming an earlier run of that name",
-    )
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser(
-        "evaluate", help="entity-level report of an exported model on a prepared dataset"
-    )
+    p = verb("evaluate", cmd_evaluate,
+             "entity-level report of an exported model on a prepared dataset")  # fmt: skip
     p.add_argument("--model", required=True, help="exported model URI")
     p.add_argument("--data", required=True, help="prepared dataset URI")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument(
-        "--max-length", type=_positive_int, help="default: the model's training max_length"
-    )
+    p.add_argument("--max-length", type=_positive_int,
+                   help="default: the model's training max_length")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--precision", choices=INFERENCE_PRECISIONS, default="fp32",
         help="fp32: the weights as plain transformers runs them; auto: as `serve` runs them "
         "(bf16 on a CPU or GPU that computes it natively)",
     )  # fmt: skip
-    _storage_args(p)
-    p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("report", help="print a finished run's report table and redraw its plots")
+    p = verb("report", cmd_report, "print a finished run's report table and redraw its plots")
     p.add_argument("run", metavar="RUN_URI", help="{run.output}/{run.name} of a finished run")
-    _storage_args(p)
-    p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser(
-        "demo", help="the default: fine-tune MiniLM on tweet NER, local Ray + S3 on loopback"
-    )
+    p = verb("demo", cmd_demo, "the default: fine-tune MiniLM on tweet NER, local Ray + S3 on "
+             "loopback", storage=False)  # fmt: skip
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of configs/demo.yaml")
-    p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("serve", help="HTTP inference over an exported model (Ray Serve + FastAPI)")
-    p.add_argument("--model", required=True, help="exported model URI (local dir, s3://...)")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument(
-        "--ingress", choices=INGRESS_MODES, default="auto",
-        help="direct: the replica itself answers on --port (Ray Serve's direct ingress; one "
-        "replica on a local Ray); proxy: Serve's HTTP proxy routes to the replicas; auto: direct "
-        "when both hold, else proxy",
-    )  # fmt: skip
-    p.add_argument(
-        "--precision", choices=INFERENCE_PRECISIONS, default="auto",
-        help="auto: bf16 where the CPU/GPU computes it natively, else fp32; fp32 answers exactly "
-        "as `evaluate` does by default",
-    )  # fmt: skip
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests per model batch")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
-    p.add_argument("--forward-batch-size", type=int, default=64, help="windows per forward pass")
-    p.add_argument(
-        "--concurrent-batches", type=int, default=0,
-        help="batches computed at once, sharing --num-cpus as torch threads (0: one per CPU)",
-    )  # fmt: skip
-    p.add_argument("--max-queued-requests", type=int, default=64, help="beyond it: 503")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request (413 beyond)")
-    p.add_argument("--max-chars", type=int, default=20_000, help="characters per text (413)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body (413)")
-    p.add_argument(
-        "--num-cpus", type=float, default=1.0,
-        help="CPUs per replica, shared as torch threads by its concurrent batches",
-    )  # fmt: skip
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--address", help="join this Ray cluster (default: a fresh local Ray)")
-    _storage_args(p)
-    p.set_defaults(fn=cmd_serve)
+    # serve: one option per settings field (serving/settings.py), --endpoint-url/--profile too.
+    p = verb("serve", cmd_serve, "HTTP inference over an exported model (Ray Serve + FastAPI)",
+             storage=False)  # fmt: skip
+    _settings_args(p, ServeSettings)
+    _settings_args(p, ServerOptions)
+    _address_arg(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from shardtune.cluster.config import ConfigError
+    from shardtune.cluster.ray_runtime import RayUnavailable
     from shardtune.data.corpus import CorpusError
     from shardtune.data.logs import setup_logging
     from shardtune.data.manifest import DatasetError
@@ -370,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = getattr(args, "fn", cmd_demo)
     try:
         return fn(args)
-    except (UsageError, ConfigError, CorpusError, DatasetError, ModelError) as exc:
+    except (UsageError, ConfigError, CorpusError, DatasetError, ModelError, RayUnavailable) as exc:
         # The final word of the command, not a progress line: plain, like argparse's errors.
         # Multi-problem errors (every bad field or line) follow their one summary line.
         print(f"error: {exc}", file=sys.stderr)

@@ -138,53 +138,15 @@ def select_best(candidates: list[tuple[str, dict]], has_eval: bool) -> tuple[str
 
 
 def connect_ray(job: JobConfig) -> None:
-    """Join cluster.address, or the job's cluster inside a Ray job (RAY_ADDRESS), or start a
-    fresh local Ray of this job's own: never whatever Ray another process on the machine
-    advertises."""
-    import ray
+    """Ray for this job (cluster/ray_runtime.py): cluster.address, else the job's cluster inside
+    a Ray job, else a fresh local Ray with room for max_workers."""
+    from shardtune.cluster import ray_runtime
 
-    if ray.is_initialized():
-        return
-    address = job.cluster.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-        return
     need = job.cluster.max_workers * job.cluster.cpus_per_worker
-    start_local_ray(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), configure_logging=True)
-
-
-def start_local_ray(num_cpus: int, **init: Any) -> Any:
-    """A fresh local Ray whose processes can only find this Ray's State API.
-
-    address="local": a bare ray.init() would join whatever Ray the machine last advertised
-    (Ray's ray_current_cluster file), even a dead or foreign one. The same discovery runs
-    inside the cluster: Ray Train's placement-group cleaner asks the State API whether the
-    controller lives, and with no address it resolves the API from that file, so a
-    `ray start --head` elsewhere on the machine made it ask the other cluster, hear "no such
-    actor" and remove our placement group (killing the workers). RAY_API_SERVER_ADDRESS
-    overrides that lookup; it is set before ray.init because the raylet, and every worker it
-    starts, copy this process's environment then (as they copy the S3 credentials).
-    """
-    import ray
-    from shardtune.cluster.local_s3 import free_port
-
-    port = init.pop("dashboard_port", None) or free_port()
-    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    init.setdefault("logging_level", "WARNING")
-    try:
-        return ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=True,
-            dashboard_host="127.0.0.1", dashboard_port=port, **init,
-        )  # fmt: skip
-    finally:
-        # Only Ray's processes need it, and they copied it. Left in this process it would
-        # override the address of every Jobs/State API client made here later (Ray reads it
-        # before the address it is given), e.g. a JobSubmissionClient for another cluster.
-        if previous is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    ray_runtime.connect(
+        job.cluster.address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+        configure_logging=True,
+    )  # fmt: skip
 
 
 def _train(job: JobConfig) -> Any:

@@ -4,11 +4,12 @@ own process on loopback, so the demo exercises the same s3:// code path as a clu
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from shardtune.data.ports import free_port
 
 # moto accepts any credentials; these keep boto/s3fs from looking for real ones.
 DUMMY_CREDENTIALS = {
@@ -16,12 +17,6 @@ DUMMY_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "shardtune-local-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalS3:

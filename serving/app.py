@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,107 +15,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from shardtune.data import storage
-from shardtune.data.device import INFERENCE_PRECISIONS
 from shardtune.serving.predictor import Predictor, fetch_model, run_summary
+from shardtune.serving.settings import MAX_BATCHES_AT_ONCE, ServeSettings
 
 APP_NAME = "shardtune"
-MAX_BATCHES_AT_ONCE = 4
-"""Upper bound of ServeSettings.concurrent_batches: serve.batch takes its own bound at import,
-and a replica admits at least this many batches (max_ongoing_requests), as Serve asks."""
 ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Everything a replica needs; plain values so Ray can ship it and a RayService's
-    serveConfigV2 `args` can spell it."""
-
-    model: str
-    """Exported model URI: a local directory or any fsspec URI the trainer writes (s3://...)."""
-    endpoint_url: str | None = None
-    """S3-compatible endpoint; credentials come from the AWS environment, never from here."""
-    profile: str | None = None
-    replicas: int = 1
-    max_batch_size: int = 16
-    """Requests that `@serve.batch` merges into one call of the model."""
-    batch_wait_ms: float = 5.0
-    """How long the first request of a batch waits for others; the latency price of batching."""
-    forward_batch_size: int = 64
-    """Model inputs (NER windows) per forward pass, after sorting the whole batch by length."""
-    concurrent_batches: int = 0
-    """Batches computed at once (at most MAX_BATCHES_AT_ONCE), each with num_cpus /
-    concurrent_batches torch threads; 0 picks one single-threaded batch per CPU up to that bound
-    (one on a GPU). On CPU, two one-thread batches kept 2 cores busier than one two-thread batch
-    (1.6x texts/s): while one batch runs Python (tokenize, decode, module calls) the other
-    multiplies."""
-    max_queued_requests: int = 64
-    """Requests waiting for a replica beyond max_ongoing_requests; past it the replica (direct
-    ingress) or Serve's proxy answers 503."""
-    max_texts: int = 64
-    max_chars: int = 20_000
-    max_body_bytes: int = 1_000_000
-    num_cpus: float = 1.0
-    """CPUs per replica, shared as torch intra-op threads by the batches at once."""
-    num_gpus: float = 0.0
-    precision: str = "auto"
-    """fp32 | bf16 | auto (bf16 where the device computes it natively): data/device.py."""
-
-    def __post_init__(self) -> None:
-        """Every bad value at once, before Ray starts."""
-        problems = [
-            f"{name}={getattr(self, name)!r} must be at least {low}"
-            for name, low in [
-                ("replicas", 1), ("max_batch_size", 1), ("batch_wait_ms", 0),
-                ("forward_batch_size", 1), ("concurrent_batches", 0),
-                ("max_queued_requests", 1), ("max_texts", 1),
-                ("max_chars", 1), ("max_body_bytes", 64), ("num_cpus", 0), ("num_gpus", 0),
-            ]
-            if getattr(self, name) < low
-        ]  # fmt: skip
-        if self.concurrent_batches > MAX_BATCHES_AT_ONCE:
-            problems.append(
-                f"concurrent_batches={self.concurrent_batches} must be at most {MAX_BATCHES_AT_ONCE}"
-            )
-        if not self.model:
-            problems.append("model: a model URI is required")
-        if self.precision not in INFERENCE_PRECISIONS:
-            problems.append(f"precision={self.precision!r} must be one of {INFERENCE_PRECISIONS}")
-        if problems:
-            raise ValueError("invalid serve settings: " + "; ".join(problems))
-
-    @property
-    def batches_at_once(self) -> int:
-        """concurrent_batches resolved: as set, else one per whole CPU up to the bound (one on a
-        GPU)."""
-        if self.concurrent_batches:
-            return self.concurrent_batches
-        return 1 if self.num_gpus > 0 else min(MAX_BATCHES_AT_ONCE, max(1, int(self.num_cpus)))
-
-    @property
-    def torch_threads(self) -> int:
-        """Intra-op threads per batch: the replica's CPUs shared by the batches at once."""
-        return max(1, int(self.num_cpus) // self.batches_at_once)
-
-    @property
-    def max_ongoing_requests(self) -> int:
-        # A request waiting inside @serve.batch is "ongoing" for Serve. The replica admits the
-        # running batches and three more forming: beyond that Serve's proxy holds requests and
-        # polls the replica with backoff (up to 0.5 s a try), which at 2x the batch size turned
-        # 32 concurrent clients into 1.4 s medians. Waiting inside the replica is cheap.
-        return (self.batches_at_once + 3) * self.max_batch_size
-
-    def deployment_options(self) -> dict[str, Any]:
-        return {
-            "num_replicas": self.replicas,
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "health_check_period_s": 10.0,
-            "health_check_timeout_s": 30.0,
-            # Serve's own line per request in the replica's log costs CPU the model needs; the
-            # app's /metrics counts every request by route and status instead.
-            "logging_config": {"enable_access_log": False},
-        }
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -375,9 +279,9 @@ class ModelServer:
         # predictor.py builds; a test checks served bodies against it).
         return JSONResponse({"task": self.predictor.task, "results": results})
 
-    @serve.batch(  # batch size and wait: set from settings in __init__
-        max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_BATCHES_AT_ONCE
-    )
+    # Batch size and wait come from the settings (set in __init__, Serve's setters for them);
+    # only the bound on batches at once must be known here, at import.
+    @serve.batch(max_concurrent_batches=MAX_BATCHES_AT_ONCE)
     async def predict_batched(self, requests: list[list[str]]) -> list[list]:
         # In a thread of the batch pool: the event loop keeps answering /healthz, /metrics and
         # admitting the next batch while torch computes (it releases the GIL).

@@ -1,5 +1,6 @@
-"""The `serve` lifecycle: start a fresh local Ray (or join --address), deploy the application,
-wait for readiness, run until Ctrl-C or SIGTERM, then shut down exactly what was started.
+"""The `serve` lifecycle: with the Ray the caller hands over (the CLI's one Ray bootstrap,
+cluster/ray_runtime.py), deploy the application, wait for readiness, run until Ctrl-C or
+SIGTERM, then shut down exactly what was started.
 
 Ingress. Through Serve's HTTP proxy every request costs a hop through a second Python process
 (the proxy actor: HTTP parsing, routing, a Ray call to the replica and back), a few ms of CPU
@@ -17,16 +18,18 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 
+from shardtune.data.ports import bind_port
 from shardtune.serving import INGRESS_MODES
-from shardtune.serving.app import APP_NAME, ServeSettings, build
+from shardtune.serving.app import APP_NAME, build
+from shardtune.serving.settings import ServerOptions, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def resolve_ingress(ingress: str, *, replicas: int, joined: bool) -> str:
     if ingress == "direct" and (joined or replicas != 1):
         raise ValueError(
             "--ingress direct: needs one replica on a Ray of its own (got "
-            + ("--address" if joined else f"--replicas {replicas}")
+            + ("--address or RAY_ADDRESS" if joined else f"--replicas {replicas}")
             + "); use --ingress proxy"
         )
     if ingress not in INGRESS_MODES:
@@ -65,20 +68,11 @@ def resolve_ingress(ingress: str, *, replicas: int, joined: bool) -> str:
     return ingress
 
 
-def _bind(host: str, port: int) -> int:
-    """Bind a throwaway socket to host:port (0: any free port) and return the port bound."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        return sock.getsockname()[1]
-
-
 def check_port(host: str, port: int) -> None:
     """ValueError naming --port when host:port cannot be listened on (taken, or no such
     address), before minutes of starting Ray end in a server that never answers."""
     try:
-        _bind(host, port)
+        bind_port(host, port)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
@@ -113,41 +107,40 @@ def _environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
+RaySession = Callable[[], AbstractContextManager[object]]
+"""Starts or joins Ray for the block and leaves it after (the CLI passes ray_runtime.session)."""
+
+
 def run_server(
     settings: ServeSettings,
+    server: ServerOptions,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    address: str | None = None,
-    ingress: str = "auto",
+    ray_session: RaySession,
+    joined: bool,
     ready_timeout_s: float = 600.0,
     say: Callable[[str], None] = _say,
 ) -> int:
-    """Serve until a signal arrives. Returns the process exit status."""
-    joined = address is not None
-    mode = resolve_ingress(ingress, replicas=settings.replicas, joined=joined)
-    with _environment(direct_ingress_env(port) if mode == "direct" else {}):
-        return _run(settings, host, port, address, mode, ready_timeout_s, say)
+    """Serve until a signal arrives. Returns the process exit status. `joined`: ray_session
+    joins a cluster (its Serve stays up; only this application goes at the end)."""
+    mode = resolve_ingress(server.ingress, replicas=settings.replicas, joined=joined)
+    with _environment(direct_ingress_env(server.port) if mode == "direct" else {}):
+        return _run(settings, server, mode, ray_session, joined, ready_timeout_s, say)
 
 
 def _run(
     settings: ServeSettings,
-    host: str,
-    port: int,
-    address: str | None,
+    server: ServerOptions,
     mode: str,
+    ray_session: RaySession,
+    joined: bool,
     ready_timeout_s: float,
     say: Callable[[str], None],
 ) -> int:
-    import ray
-    from ray import serve
-
     stop = threading.Event()
     # Installed first, so a Ctrl-C during the (slow) start still leads to a clean shutdown.
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    joined = address is not None
 
     def ours_again() -> None:
         # ray.init installs a SIGTERM handler that calls sys.exit wherever the main thread
@@ -157,37 +150,51 @@ def _run(
             signal.signal(sig, lambda *_: stop.set())
 
     try:
-        if joined:
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            # address="local": a Ray of our own, never one another process on this machine runs.
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-        ours_again()
-        proxy_port = _bind(host, 0) if mode == "direct" else port
-        serve.start(http_options={"host": host, "port": proxy_port})
-        serve.run(build(asdict(settings)), name=APP_NAME, route_prefix="/", blocking=False)
-        ours_again()  # in case Serve's start installed its own
-        url = f"http://{host}:{port}"
-        if not wait_ready(url, ready_timeout_s, stop):
-            if stop.is_set():
-                return 130
-            say(f"error: {settings.model} was not ready at {url}/readyz in {ready_timeout_s:.0f}s")
-            return 1
-        say(
-            f"serving {settings.model} at {url}  (POST /v1/predict, /docs, /metrics; "
-            f"{mode} ingress); Ctrl-C stops"
-        )
-        while not stop.wait(1.0):
-            pass
-        say("stopping")
-        return 0
+        with ray_session():
+            ours_again()
+            try:
+                return _serve(settings, server, mode, stop, ours_again, ready_timeout_s, say)
+            finally:
+                _shut_down(joined)
     finally:
-        _shut_down(joined)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def _serve(
+    settings: ServeSettings,
+    server: ServerOptions,
+    mode: str,
+    stop: threading.Event,
+    ours_again: Callable[[], None],
+    ready_timeout_s: float,
+    say: Callable[[str], None],
+) -> int:
+    from ray import serve
+
+    host, port = server.host, server.port
+    proxy_port = bind_port(host, 0) if mode == "direct" else port
+    serve.start(http_options={"host": host, "port": proxy_port})
+    serve.run(build(asdict(settings)), name=APP_NAME, route_prefix="/", blocking=False)
+    ours_again()  # in case Serve's start installed its own
+    url = f"http://{host}:{port}"
+    if not wait_ready(url, ready_timeout_s, stop):
+        if stop.is_set():
+            return 130
+        say(f"error: {settings.model} was not ready at {url}/readyz in {ready_timeout_s:.0f}s")
+        return 1
+    say(
+        f"serving {settings.model} at {url}  (POST /v1/predict, /docs, /metrics; "
+        f"{mode} ingress); Ctrl-C stops"
+    )
+    while not stop.wait(1.0):
+        pass
+    say("stopping")
+    return 0
+
+
 def _shut_down(joined: bool) -> None:
+    """Serve's part of the stop; Ray itself goes (or, joined, is left) with ray_session."""
     import ray
     from ray import serve
 
@@ -200,4 +207,3 @@ def _shut_down(joined: bool) -> None:
             serve.shutdown()
     except Exception as exc:  # shutting down must reach ray.shutdown() whatever happened
         log.warning("serve shutdown: %s: %s", type(exc).__name__, exc)
-    ray.shutdown()  # a local Ray started here goes with its processes

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shardtune.cluster.local_s3 import DUMMY_CREDENTIALS, LocalS3, free_port, use_dummy_credentials
+from shardtune.cluster.local_s3 import DUMMY_CREDENTIALS, LocalS3, use_dummy_credentials
+from shardtune.data.ports import free_port
 
 __all__ = [
     "DUMMY_CREDENTIALS",
@@ -155,14 +156,14 @@ def local_ray(
     num_cpus: int = 2, *, logging_level: str = "WARNING", print_patch: bool = False, **init: Any
 ) -> Iterator[Any]:
     """`with local_ray(2) as ray:` a fresh local Ray of our own, started as `train` starts one
-    (cluster/job.py start_local_ray: never one that another process on the machine advertises,
+    (cluster/ray_runtime.py start_local: never one that another process on the machine advertises,
     and its State API is the only one its processes ask), shut down on exit. Start it after the environment
     its workers need (S3 credentials) is set: they inherit it now, not later.
 
     `print_patch`: Ray Train's redirection of print() in workers to its logger, which doubles
     printed lines; RAY_TRAIN_ENABLE_PRINT_PATCH already in the environment wins."""
     import ray
-    from shardtune.cluster.job import start_local_ray
+    from shardtune.cluster.ray_runtime import start_local as start_local_ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "1" if print_patch else "0")
     start_local_ray(num_cpus, logging_level=logging_level, **init)  # the job's own start

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests import testkit
-from tests.testkit import free_port
 
+from tests import testkit
 from tests.integration.test_ray_job_submit import _stop_ray
+from tests.testkit import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +195,28 @@ def test_live_foreign_head_is_not_joined_and_ray_address_is(foreign, ray_tmpdir)
         RAY_AUTH_TOKEN=foreign.token,
     )  # fmt: skip
     assert port_of(probe(probe_job(), joined)) == foreign.port
+
+
+def prepare_ray(tmp_path: Path, env: dict[str, str], *extra: str) -> str:
+    """`launch.py prepare --ray` in a fresh process; the Ray it used, from its status line."""
+    corpus = testkit.write_conll(tmp_path / "p.conll", testkit.synthetic_sentences(12))
+    out = subprocess.run(
+        [sys.executable, "launch.py", "prepare", "--task", "ner", "--input", str(corpus),
+         "--output", str(tmp_path / f"ds{len(extra)}"), "--ray", *extra],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    (line,) = [line for line in out.stderr.splitlines() if " Ray at " in line]
+    return line
+
+
+def test_prepare_ray_joins_address_and_else_starts_its_own(foreign, ray_tmpdir, tmp_path) -> None:
+    """`prepare --ray` takes the one bootstrap `train` takes: --address joins that cluster (a
+    token cluster, with its token in the environment), no address starts a Ray of its own."""
+    if foreign.proc is None:
+        foreign.start()
+    own = prepare_ray(tmp_path, env_for(ray_tmpdir))
+    assert "started a local Ray" in own and port_of(own) != foreign.port
+    token = env_for(ray_tmpdir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=foreign.token)
+    joined = prepare_ray(tmp_path, token, "--address", f"127.0.0.1:{foreign.port}")
+    assert "joined Ray" in joined and port_of(joined) == foreign.port

@@ -232,3 +232,17 @@ def test_serve_direct_ingress_with_several_replicas(capsys):
 def test_serve_unknown_precision(capsys):
     rc, lines = run_cli(["serve", "--model", MODEL, "--precision", "fp8"], capsys)
     assert_user_error(rc, lines, "--precision", "fp8")
+
+
+@pytest.mark.parametrize(
+    "option,value,said",
+    [("--max-batch-size", "0", "must be >= 1, got 0"),
+     ("--concurrent-batches", "9", "must be <= 4, got 9"),
+     ("--replicas", "two", "'two' is not a whole number"),
+     ("--num-cpus", "-1", "must be >= 0, got -1.0"),
+     ("--ingress", "sideways", "'sideways'")],
+)  # fmt: skip
+def test_serve_setting_out_of_its_bounds(option, value, said, capsys):
+    rc, lines = run_cli(["serve", "--model", MODEL, option, value], capsys)
+    assert_user_error(rc, lines, option, said)
+    assert len(lines) == 1

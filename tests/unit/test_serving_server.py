@@ -64,3 +64,69 @@ def test_batches_at_once_share_the_replica_cpus():
     assert (big.batches_at_once, big.torch_threads, big.max_ongoing_requests) == (4, 2, 56)
     with pytest.raises(ValueError, match="concurrent_batches"):
         ServeSettings(model="m", concurrent_batches=99)
+
+
+def serve_options() -> dict:
+    """The `serve` subcommand's options by dest: {dest: argparse action}."""
+    from shardtune.cluster.cli import build_parser
+
+    parser = build_parser()
+    (verbs,) = [a for a in parser._actions if a.dest == "verb"]
+    return {a.dest: a for a in verbs.choices["serve"]._actions if a.option_strings}
+
+
+@pytest.mark.parametrize("model", ["ServeSettings", "ServerOptions"])
+def test_every_setting_is_one_serve_option_with_the_models_default(model):
+    """Defaults live in the settings model only: the CLI's option for a field is made from it."""
+    import dataclasses
+
+    from shardtune.serving import settings
+
+    options = serve_options()
+    for f in dataclasses.fields(getattr(settings, model)):
+        flag = "--" + f.name.replace("_", "-")
+        assert [a.option_strings for a in options.values() if a.dest == f.name] == [[flag]]
+        action = options[f.name]
+        if f.default is dataclasses.MISSING:
+            assert action.required
+        else:
+            assert action.default == f.default and not action.required, f.name
+        assert action.help.startswith(f.metadata["doc"])
+        assert action.choices == f.metadata["choices"]
+
+
+def test_a_default_changed_in_the_model_is_the_clis_default(monkeypatch):
+    import dataclasses
+
+    from shardtune.serving.settings import ServerOptions, ServeSettings
+
+    for model, name in [(ServeSettings, "max_batch_size"), (ServerOptions, "port")]:
+        field = next(f for f in dataclasses.fields(model) if f.name == name)
+        monkeypatch.setattr(field, "default", 7)
+        assert serve_options()[name].default == 7
+
+
+def test_serve_arguments_build_the_models_as_their_defaults():
+    from shardtune.cluster.cli import _settings, build_parser
+    from shardtune.serving.settings import ServerOptions, ServeSettings
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-batch-size", "8"])
+    assert _settings(ServeSettings, args) == ServeSettings(model="m", max_batch_size=8)
+    assert _settings(ServerOptions, args) == ServerOptions()
+
+
+def test_the_batcher_takes_its_size_and_wait_from_the_settings_only():
+    """@serve.batch is given no batch size or wait of its own (they would be a second default):
+    the replica sets both from ServeSettings through Serve's setters."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[2] / "serving" / "app.py").read_text()
+    batch_args = [
+        {k.arg for k in node.keywords}
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "batch"
+    ]
+    assert batch_args == [{"max_concurrent_batches"}]
+    assert "set_max_batch_size(s.max_batch_size)" in source
+    assert "set_batch_wait_timeout_s(s.batch_wait_ms / 1000)" in source
