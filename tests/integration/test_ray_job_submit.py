@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import yaml
+
 from tests import testkit
 from tests.testkit import free_port
 
@@ -273,3 +275,85 @@ def test_tiny_training_job_succeeds_and_writes_its_report(jobs, tmp_path: Path, 
     assert (report["run"], report["task"]) == (f"tiny-{task}", task)
     assert report["test"] is not None
     assert (run / "model" / "config.json").is_file()
+    if task == "classify":
+        _classification_agrees_with_plain_transformers(run, data, report)
+
+
+def _plain_classification(model_dir: Path, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """What a user does with the exported directory and nothing of shardtune: labels and
+    logits, one text at a time, truncated to the job's max_length (32) as training truncates."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    logits = []
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            logits.append(model(**enc).logits[0].double().numpy())
+    logits = np.stack(logits)
+    return [model.config.id2label[int(i)] for i in logits.argmax(-1)], logits
+
+
+def _classification_agrees_with_plain_transformers(run: Path, data: Path, report: dict) -> None:
+    """The report's numbers are sklearn's over a plain-transformers pass, on the test split
+    (evaluate on the exported model) and on the dev split (the workers' in-training evaluation,
+    which uses the training label map: an export that mislabels the head shows up here); the
+    served answer is the plain model's argmax with its softmax as scores."""
+    from shardtune.data.manifest import read_all_rows
+    from shardtune.serving.predictor import Predictor
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    model_dir = run / "model"
+    _, test_rows = read_all_rows(str(data / "test"))
+    _, dev_rows = read_all_rows(str(data / "dev"))
+    names = sorted({r["label"] for r in test_rows + dev_rows})
+    test_pred, test_logits = _plain_classification(model_dir, [r["text"] for r in test_rows])
+    test_gold = [r["label"] for r in test_rows]
+
+    test = report["test"]
+    micro = sum(p == g for p, g in zip(test_pred, test_gold, strict=True)) / len(test_gold)
+    assert test["micro"]["f1"] == pytest.approx(micro, abs=1e-12)  # single-label: accuracy
+    present = sorted(set(test_gold) | set(test_pred))
+    p, r, f, s = precision_recall_fscore_support(
+        test_gold, test_pred, labels=present, zero_division=0
+    )
+    fields = ("precision", "recall", "f1", "support")
+    assert {(name, k): row[k] for name, row in test["per_type"].items() for k in fields} == (
+        pytest.approx({(name, k): float(v[i]) for i, name in enumerate(present)
+                       for k, v in zip(fields, (p, r, f, s), strict=True)}, abs=1e-12)
+    )  # fmt: skip
+    labels = test["confusion"]["labels"]
+    assert (
+        test["confusion"]["matrix"]
+        == confusion_matrix(test_gold, test_pred, labels=labels).tolist()
+    )
+
+    # One evaluation (1 epoch, eval_every epoch), so the exported model is the one evaluated.
+    dev_pred, _ = _plain_classification(model_dir, [r["text"] for r in dev_rows])
+    dev_gold = [r["label"] for r in dev_rows]
+    (evaluation,) = [h for h in report["history"] if h.get("eval_f1") is not None]
+    _, _, dev_f1, _ = precision_recall_fscore_support(
+        dev_gold, dev_pred, labels=names, zero_division=0
+    )
+    per_label = evaluation["eval_f1_per_label"]
+    assert {n: per_label.get(n, 0.0) for n in names} == pytest.approx(
+        dict(zip(names, dev_f1, strict=True)), abs=1e-12
+    )
+    assert evaluation["eval_f1"] == pytest.approx(
+        np.mean([p == g for p, g in zip(dev_pred, dev_gold, strict=True)]), abs=1e-12
+    )
+
+    # Served: batched, padded, through the predictor. Padding under the attention mask moves
+    # fp32 logits by ~1e-7, hence the tolerance on the probabilities.
+    predictor = Predictor.from_dir(str(model_dir), forward_batch_size=8)
+    (served,), _ = predictor.predict_batch([[r["text"] for r in test_rows]])
+    probs = np.exp(test_logits - test_logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    id2label = predictor.model.config.id2label
+    for answer, label, row in zip(served, test_pred, probs, strict=True):
+        assert answer["label"] == label == max(answer["scores"], key=answer["scores"].get)
+        assert answer["scores"] == pytest.approx(
+            {id2label[i]: float(x) for i, x in enumerate(row)}, abs=1e-5
+        )
