@@ -74,12 +74,16 @@ def _join(address: str, **init: Any) -> None:
         ray.init(address=address, **init)
     except AuthenticationError as exc:
         raise RayUnavailable(
-            f"Ray at {address} refused this client ({str(exc).splitlines()[0]}); a token "
+            f"Ray at {address} refused this client ({_first_line(exc)}); a token "
             "cluster needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on its "
             "head)"
         ) from None
     except ConnectionError as exc:
-        raise RayUnavailable(f"no Ray at {address}: {str(exc).splitlines()[0]}") from None
+        raise RayUnavailable(f"no Ray at {address}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return next(iter(str(exc).splitlines()), type(exc).__name__)
 
 
 def start_local(num_cpus: int | None = None, *, dashboard: bool = True, **init: Any) -> Any:
