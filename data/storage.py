@@ -13,10 +13,8 @@ import hashlib
 import logging
 import os
 import posixpath
-import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -81,46 +79,26 @@ def filesystem(uri: str, options: StorageOptions | None = None):
 def pyarrow_filesystem(uri: str, options: StorageOptions | None = None):
     """(pyarrow FileSystem, path) wrapping the same fsspec filesystem, for Ray Train's
     `storage_filesystem`. pyarrow's own S3 client ignores AWS_ENDPOINT_URL, so wrapping the
-    fsspec filesystem is what keeps data and checkpoints on one configuration."""
+    fsspec filesystem is what keeps data and checkpoints on one configuration; every call Ray
+    makes through it (checkpoint uploads and downloads, the controller's snapshot) retries
+    transient errors as `with_retries` does."""
     import pyarrow.fs
 
     protocol, path = split_protocol(uri)
     if protocol == "file":
         return pyarrow.fs.LocalFileSystem(), path
+    from shardtune.data.retrying_fs import RetryingFSSpecHandler
+
     fs, path = filesystem(uri, options)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = (
-        "connection", "timeout", "timed out", "reset", "throttl", "slowdown", "slow down",
-        "serviceunavailable", "internalerror", "503", "500", "502", "504", "temporarily",
-        "endpointconnectionerror", "server disconnected",
-    )  # fmt: skip
-    return any(m in text for m in markers)
+    return pyarrow.fs.PyFileSystem(RetryingFSSpecHandler(fs, options or StorageOptions())), path
 
 
 def with_retries(what: str, fn: Callable[[], T], options: StorageOptions | None = None) -> T:
-    """Run a storage call, retrying transient errors with exponential backoff and jitter."""
-    attempts = max(1, (options or StorageOptions()).retries)
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt == attempts or not _is_transient(exc):
-                raise
-            delay = min(8.0, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning(
-                "storage: %s failed (%s: %s); retry %d/%d in %.1fs",
-                what, type(exc).__name__, exc, attempt, attempts - 1, delay,
-            )  # fmt: skip
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """Run a storage call under the one retry policy (data/retry.py): transient errors are
+    retried with exponential backoff and jitter, `options.retries` attempts in all."""
+    from shardtune.data import retry
+
+    return retry.call(what, fn, (options or StorageOptions()).retries)
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
