@@ -50,9 +50,14 @@ class ClusterSection(Section):
     use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(
-        default=0,
+        default=3,
         ge=-1,
-        description="Worker-group restarts from the latest checkpoint; -1 = unlimited.",
+        description="Worker-group restarts from the latest checkpoint; -1 = unlimited, 0 = the "
+        "first failure ends the run. 3 by default: a restart resumes exactly (model, optimizer, "
+        "data position), so a lost worker or node, a preempted instance or an outage longer "
+        "than the storage retries costs the steps since the last checkpoint, not the run; a "
+        "bug that fails every attempt still stops after 4 tries (Ray's own default of 0 suits "
+        "a library whose caller decides, not a training job left running overnight).",
     )
     address: str | None = Field(
         default=None,
