@@ -29,6 +29,9 @@ class ConfigError(Exception):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
+        if len(problems) == 1:  # one problem, one line: the file and the field
+            super().__init__(f"invalid job config {source}: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid job config {source} ({len(problems)} problem(s)):\n{lines}")
 

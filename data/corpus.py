@@ -37,7 +37,9 @@ class CorpusError(Exception):
 
     def __str__(self) -> str:
         n = len(self.problems)
-        lines = [f"{n} problem{'s' if n != 1 else ''} in the corpus:"]
+        if n == 1:  # one problem, one line: it names its file:line
+            return f"corpus: {self.problems[0]}"
+        lines = [f"{n} problems in the corpus:"]
         lines += [f"  {p}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
         if n > MAX_LISTED_PROBLEMS:
             lines.append(f"  ... and {n - MAX_LISTED_PROBLEMS} more")

@@ -240,4 +240,3 @@ def test_lost_node_shrinks_then_grows_back_and_every_example_is_seen_once(
     report = json.loads(storage.read_text(f"{run}/report.json", options))
     assert report["test"]["examples"] > 0  # evaluated by a Ray task on a worker node, from S3
     assert storage.exists(f"{run}/model/config.json", options)
-    assert resumed_at - lost_at < 120

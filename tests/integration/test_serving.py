@@ -299,8 +299,9 @@ def test_sigterm_stops_the_server_and_every_process_it_started(server):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(90) == 0, server["log"].read_text()[-3000:]
-    # Nothing holds the replica open (Ray's 30 s direct-ingress draining period is off).
-    assert time.monotonic() - t0 < 25, f"stopping took {time.monotonic() - t0:.0f} s"
+    # Nothing holds the replica open: Ray's direct-ingress draining hold is 30 s, so a stop
+    # that takes 30 s or more is that hold, not a slow machine (proc.wait(90) is the liveness).
+    assert time.monotonic() - t0 < 30, f"stopping took {time.monotonic() - t0:.0f} s"
     gone, alive = psutil.wait_procs(started, timeout=30)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]

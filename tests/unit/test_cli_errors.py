@@ -115,19 +115,19 @@ def test_shards_and_shard_size_together(corpus, tmp_path, capsys):
 
 def test_split_part_left_without_examples(corpus, tmp_path, capsys):
     rc, lines = run_cli(prepare_argv(corpus, tmp_path, "--split", "train=0.5,dev=0.3,test=0.2"), capsys)  # fmt: skip
-    assert_user_error(rc, lines, "'test'", "no examples", problems=1, source="corpus")
+    assert_user_error(rc, lines, "'test'", "no examples", "corpus")
 
 
 def test_missing_input_file(tmp_path, capsys):
     rc, lines = run_cli(prepare_argv(tmp_path / "missing.conll", tmp_path), capsys)
-    assert_user_error(rc, lines, "missing.conll", "not found", problems=1, source="corpus")
+    assert_user_error(rc, lines, "missing.conll", "not found", "corpus")
 
 
 def test_bad_tag_names_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.conll"
     bad.write_text("alice\tB-PER\nwent\tWHAT\n")
     rc, lines = run_cli(prepare_argv(bad, tmp_path), capsys)
-    assert_user_error(rc, lines, "bad.conll:2", "'WHAT'", problems=1, source="corpus")
+    assert_user_error(rc, lines, "bad.conll:2", "'WHAT'", "corpus")
 
 
 def test_unknown_log_level(corpus, tmp_path, capsys):
@@ -137,17 +137,17 @@ def test_unknown_log_level(corpus, tmp_path, capsys):
 
 def test_missing_job_file(tmp_path, capsys):
     rc, lines = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
-    assert_user_error(rc, lines, "cannot read file", problems=1, source="nope.yaml")
+    assert_user_error(rc, lines, "cannot read file", "nope.yaml")
 
 
 def test_bad_field_in_job_file(tmp_path, dataset, capsys):
     rc, lines = run_cli(["train", "--config", str(job_file(tmp_path, train={"lr": "abc"}))], capsys)
-    assert_user_error(rc, lines, "train.lr", "'abc'", problems=1, source="job.yaml")
+    assert_user_error(rc, lines, "train.lr", "'abc'", "job.yaml")
 
 
 def test_bad_override(tmp_path, dataset, capsys):
     rc, lines = run_cli(["train", "--config", str(job_file(tmp_path)), "train.epochs=-1"], capsys)
-    assert_user_error(rc, lines, "train.epochs", "-1", problems=1, source="job.yaml")
+    assert_user_error(rc, lines, "train.epochs", "-1", "job.yaml")
 
 
 def test_train_model_directory_without_config_json(tmp_path, dataset, capsys):
