@@ -86,8 +86,13 @@ class RunSection(Section):
     name: str = Field(description="Run name: outputs go to {output}/{name}/.")
     output: str = Field(description="URI for checkpoints, report.json and the exported model.")
     keep_checkpoints: int = Field(
-        default=2, ge=1, description="Checkpoints kept (best by eval F1)."
-    )
+        default=2, ge=1,
+        description="Checkpoints kept besides the latest and the best: retention always keeps "
+        "the latest (a resume starts there) and the best by dev F1 (by step without an eval "
+        "set; export takes it), and besides those two up to `keep_checkpoints` more, the next "
+        "best, so a damaged latest always leaves another to resume from. Checkpoint-only "
+        "saves (train.checkpoint_every) rank below every evaluated one.",
+    )  # fmt: skip
 
     @field_validator("name")
     @classmethod

@@ -181,8 +181,11 @@ def _train(job: JobConfig) -> Any:
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.cluster.max_failures),
+            # Ray keeps the num_to_keep best by score plus, always, the latest (its
+            # CheckpointManager never deletes the latest): one more than keep_checkpoints keeps a
+            # fallback beside the latest even when the latest is also the best.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=job.run.keep_checkpoints,
+                num_to_keep=job.run.keep_checkpoints + 1,
                 checkpoint_score_attribute="eval_f1" if has_eval else "step",
                 checkpoint_score_order="max",
             ),

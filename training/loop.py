@@ -64,6 +64,9 @@ class Run:
     total_steps: int
     fault: faults.Fault | None
     stop_reason: str | None = None  # early stopping's, the same on every rank
+    # A checkpoint_every save due at the last optimizer step, taken before the next micro-batch
+    # unless a report at that step comes first (the epoch's or the end's): one save per step.
+    checkpoint_pending: bool = False
 
 
 def train_worker(config: dict) -> None:
@@ -169,6 +172,8 @@ def train(run: Run) -> None:
             run.feed.end_epoch(st)
             if report_due(cadence, "epoch", step=st.step, last_report_step=ck.last_report_step):
                 report(run)
+            elif run.checkpoint_pending and st.epoch < tc.epochs:  # else the end's report
+                checkpoint_only(run)
             done = run.stop_reason is not None
     if report_due(cadence, "end", step=st.step, last_report_step=ck.last_report_step):
         report(run, final=True)
@@ -180,6 +185,8 @@ def _epoch(run: Run, cadence: Cadence) -> bool:
     st, ck, trainer = run.trainer.state, run.checkpointer, run.trainer
     try:
         for batch in run.feed.batches(st):
+            if run.checkpoint_pending:  # no report followed the step it was due at
+                checkpoint_only(run)
             run.feed.record(st, batch)  # before the step: the ledger numbers it from the state
             if not trainer.train_step(batch):
                 continue  # mid-accumulation
@@ -198,7 +205,7 @@ def _epoch(run: Run, cadence: Cadence) -> bool:
             elif checkpoint_due(
                 cadence, step=st.step, last_checkpoint_step=ck.last_checkpoint_step
             ):
-                checkpoint_only(run)
+                run.checkpoint_pending = True  # taken by the next micro-batch or report
             if st.step >= run.total_steps or run.stop_reason:
                 return True
         return False
@@ -233,6 +240,7 @@ def report(run: Run, final: bool = False) -> None:
     record = run.progress.record(record)  # rank 0: with its loss points, to evals/ and trackers
     at_boundary = trainer.at_boundary
     _save(run, record.to_dict(counts=False), record.to_dict(), at_boundary)
+    run.checkpoint_pending = False  # this step's checkpoint is the evaluated one
     run.checkpointer.last_report_step = st.step
     run.progress.after_report(record, at_boundary=at_boundary)
 
@@ -245,6 +253,7 @@ def checkpoint_only(run: Run) -> None:
     record = EvalRecord(step=st.step, epoch=st.epoch, checkpoint_only=True)
     to_ray = replace(record, scores=EvalScores(float("nan"))) if run.evaluator.enabled else record
     _save(run, record.to_dict(), to_ray.to_dict(), True)
+    run.checkpoint_pending = False
 
 
 def _save(run: Run, meta: dict, to_ray: dict, at_boundary: bool) -> None:
