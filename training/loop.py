@@ -114,6 +114,7 @@ def setup(cfg: WorkerConfig, place: Placement, restored: str | None) -> Run:
         feed.ledger = open_ledger(cfg, place, trainer.device, resumed_step)
     evaluator = open_evaluator(cfg, place, model.tokenizer, manifest.labels)
     progress, fault = open_progress(cfg, place), faults.parse_fault(cfg.fault)
+    progress.roll_back(resumed.step if resumed is not None else 0)  # a lost attempt's records
     run = Run(cfg, place, model, feed, trainer, evaluator, ck, progress, total_steps, fault)
     if place.rank == 0:
         _log_setup(run)

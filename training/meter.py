@@ -151,6 +151,20 @@ class Progress:
             self.tracker.flush(record.step)
         return record
 
+    def roll_back(self, step: int) -> list[str]:
+        """Rank 0, on resume from `step`: delete the evaluation records of a lost attempt (after
+        `step`), so the report's history holds each evaluation of the run once, in order."""
+        if self.rank != 0:
+            return []
+        root, gone = self.layout.evals, []
+        for name in storage.list_names(root, self.options):
+            if name.startswith("eval-") and name.endswith(".json"):
+                recorded = name.removeprefix("eval-").removesuffix(".json")
+                if recorded.isdigit() and int(recorded) > step:
+                    storage.remove(storage.join(root, name), self.options)
+                    gone.append(name)
+        return gone
+
     def after_report(self, record: EvalRecord, *, at_boundary: bool) -> None:
         if self.rank != 0:
             return
