@@ -123,7 +123,7 @@ def rank_checkpoints(candidates: list[tuple[str, dict]], has_eval: bool) -> list
     def key(c: tuple[str, dict]) -> tuple:
         order = (c[1].get("step", 0), checkpoint_key(c[0]) or (0, 0))
         f1 = c[1].get("eval_f1", -1.0)
-        # A checkpoint_every checkpoint reports eval_f1 NaN: below every evaluated one.
+        # A checkpoint_every checkpoint reports eval_f1 -1 (NaN before): below every evaluated one.
         f1 = f1 if isinstance(f1, float | int) and math.isfinite(f1) else -1.0
         return (f1, *order) if has_eval else order
 

@@ -248,11 +248,13 @@ def report(run: Run, final: bool = False) -> None:
 
 def checkpoint_only(run: Run) -> None:
     """A checkpoint between evaluations (train.checkpoint_every; always at an optimizer-step
-    boundary). It carries no eval metrics: eval_f1 NaN ranks it below every evaluated one for
-    Ray's retention and for export, without Ray logging a missing score attribute."""
+    boundary). It carries no eval metrics: eval_f1 -1 ranks it below every evaluated one for
+    Ray's retention and for export, without Ray logging a missing score attribute. Not NaN: Ray's
+    snapshot writes NaN as null, and a restored None score breaks its next ranking (TypeError
+    in the controller, the rerun fails)."""
     st = run.trainer.state
     record = EvalRecord(step=st.step, epoch=st.epoch, checkpoint_only=True)
-    to_ray = replace(record, scores=EvalScores(float("nan"))) if run.evaluator.enabled else record
+    to_ray = replace(record, scores=EvalScores(-1.0)) if run.evaluator.enabled else record
     _save(run, record.to_dict(), to_ray.to_dict(), True)
     run.checkpoint_pending = False
 
