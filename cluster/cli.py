@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from shardtune.cluster.config import ConfigError
     from shardtune.cluster.ray_runtime import RayUnavailable
+    from shardtune.cluster.run_state import RunStateError
     from shardtune.data.corpus import CorpusError
     from shardtune.data.logs import setup_logging
     from shardtune.data.manifest import DatasetError
@@ -356,7 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     fn = getattr(args, "fn", cmd_demo)
     try:
         return fn(args)
-    except (UsageError, ConfigError, CorpusError, DatasetError, ModelError, RayUnavailable) as exc:
+    except (
+        UsageError,
+        ConfigError,
+        CorpusError,
+        DatasetError,
+        ModelError,
+        RayUnavailable,
+        RunStateError,
+    ) as exc:
         # The final word of the command, not a progress line: plain, like argparse's errors.
         # Multi-problem errors (every bad field or line) follow their one summary line.
         print(f"error: {exc}", file=sys.stderr)

@@ -13,11 +13,13 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 from shardtune.cluster.config import JobConfig, to_public_dict
+from shardtune.cluster.run_state import Resume
 from shardtune.data import storage
-from shardtune.data.manifest import Manifest, read_manifest
+from shardtune.data.manifest import Manifest, read_manifest, read_manifest_version
 from shardtune.data.run_layout import RunLayout
 from shardtune.training.records import EvalRecord, RunFacts, TrainingStats
 
@@ -41,14 +43,44 @@ def run_layout(job: JobConfig) -> RunLayout:
 def previous_run(job: JobConfig) -> tuple[str, int] | None:
     """(latest checkpoint name, its step) of an earlier run with this run.name and output, from
     the snapshot Ray Train restores itself from; None if there is none."""
+    from shardtune.cluster.run_state import snapshot_latest
+
     options = job.storage_options()
     uri = run_layout(job).snapshot
     if not storage.exists(uri, options):
         return None
-    latest = json.loads(storage.read_text(uri, options)).get("latest_checkpoint_result")
-    if not latest:
+    try:  # after a failure, for its message: damage is `resume_point`'s to repair
+        return snapshot_latest(storage.read_text(uri, options))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return latest["checkpoint_dir_name"], int(latest.get("metrics", {}).get("step", 0))
+
+
+def resume_point(job: JobConfig, say=log.warning) -> Resume | None:
+    """Where a rerun of this run starts (cluster/run_state.recover): Ray's snapshot, repaired
+    from the checkpoints in storage when it is missing, unreadable or names deleted ones;
+    RunStateError (one line) when no checkpoint verifies. None: a new run."""
+    from shardtune.cluster.run_state import recover
+
+    return recover(
+        run_layout(job),
+        job.storage_options(),
+        run_name=job.run.name,
+        has_eval=job.data.eval is not None,
+        say=say,
+    )
+
+
+def data_versions(job: JobConfig, resume: Resume | None) -> dict[str, Manifest | None]:
+    """The manifest each phase reads: train and eval at the versions the resumed run is pinned
+    to (the latest for a new run, or a checkpoint from before runs were pinned), test at the
+    latest (it is read once, at the end). DatasetError if a pinned version is gone."""
+    options = job.storage_options()
+    pins = {"train": resume.train_version, "eval": resume.eval_version} if resume else {}
+    uris = {"train": job.data.train, "eval": job.data.eval, "test": job.data.test}
+    return {
+        phase: read_manifest_version(uri, pins.get(phase), options, compact=False) if uri else None
+        for phase, uri in uris.items()
+    }
 
 
 def start_over(job: JobConfig, say=log.info) -> list[str]:
@@ -149,7 +181,7 @@ def connect_ray(job: JobConfig) -> None:
     )  # fmt: skip
 
 
-def _train(job: JobConfig) -> Any:
+def _train(job: JobConfig, versions: dict[str, Manifest | None]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from shardtune.training.loop import train_worker
@@ -162,9 +194,16 @@ def _train(job: JobConfig) -> Any:
         # Workers get their own typed config, not this head-side tree. The fault spec travels
         # in it: workers inherit the raylet's environment, fixed when Ray started, not ours.
         train_loop_config={
-            "worker": job.worker_config(
-                fault=os.environ.get("SHARDTUNE_FAULT"),
-                log_level=logging.getLevelName(logging.getLogger("shardtune").getEffectiveLevel()),
+            "worker": replace(
+                job.worker_config(
+                    fault=os.environ.get("SHARDTUNE_FAULT"),
+                    log_level=logging.getLevelName(
+                        logging.getLogger("shardtune").getEffectiveLevel()
+                    ),
+                ),
+                # pinned: an attempt after `prepare --append` reads what the run started on
+                train_version=_version(versions["train"]),
+                eval_version=_version(versions["eval"]),
             )
         },
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo"),
@@ -241,7 +280,7 @@ def build_report(
     test: dict | None,
     model_uri: str,
     wall_s: float,
-    train_manifest: Manifest,
+    versions: dict[str, Manifest | None],
 ) -> dict:
     """report.json from the workers' records (pure): the best checkpoint's scores, the last
     record's throughput and setup, and every evaluation."""
@@ -258,10 +297,11 @@ def build_report(
         "throughput": _throughput(stats),
         "timing": {"wall_seconds": wall_s, **_timing(stats, facts)},
         "data": {
-            "train_examples": train_manifest.num_examples,
-            # `prepare --append` adds versions: which one this run read (what its test scores
-            # are comparable with)
-            "manifest_version": train_manifest.version,
+            "train_examples": versions["train"].num_examples if versions["train"] else None,
+            # `prepare --append` adds versions: which one each phase read (train and eval are
+            # pinned for the whole run; what its test scores are comparable with)
+            "manifest_version": _version(versions["train"]),
+            "manifest_versions": {phase: _version(m) for phase, m in versions.items()},
             "padding_examples_per_epoch": facts.padding_examples_per_epoch if facts else None,
             "words_without_subwords": facts.words_without_subwords if facts else None,
             "sentences_split_into_windows": facts.sentences_split if facts else None,
@@ -279,6 +319,10 @@ def build_report(
         },
         "config": to_public_dict(job),
     }
+
+
+def _version(manifest: Manifest | None) -> int | None:
+    return manifest.version if manifest is not None else None
 
 
 THROUGHPUT_KEYS = (
@@ -325,20 +369,28 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
 
     t0 = time.perf_counter()
     options = job.storage_options()
-    train_manifest = read_manifest(job.data.train, options)  # fail before Ray if data is missing
-    for uri in (job.data.eval, job.data.test):
-        if uri:
-            read_manifest(uri, options)
+    # Never step 0 silently over an existing run: a lost or damaged snapshot is repaired from
+    # the checkpoints in storage, or the run stops here with one line (RunStateError).
+    resume = None if fresh else resume_point(job)
+    versions = data_versions(job, resume)  # fail before Ray if data is missing
+    train_manifest = versions["train"]
+    assert train_manifest is not None
     compare_labels(job, train_manifest.labels, say)  # a head that cannot serve: before Ray
     if fresh:
         start_over(job, say)
-    elif previous := previous_run(job):
+    elif resume:
         say(
-            f"resuming run {job.run.name} from {previous[0]} (step {previous[1]}) in {run_dir(job)}/; add --fresh to start over"
+            f"resuming run {job.run.name} from {resume.name} (step {resume.step}) in {run_dir(job)}/; add --fresh to start over"
         )
+        latest = read_manifest(job.data.train, options).version
+        if latest != train_manifest.version:
+            say(
+                f"run {job.run.name} stays on version {train_manifest.version} of "
+                f"{job.data.train} (now at {latest}); --fresh or a new run.name trains on it"
+            )
     connect_ray(job)
     try:
-        result = _train(job)
+        result = _train(job, versions)
     except TrainingFailedError as exc:
         raise TrainingFailed(failure_message(job, exc, previous_run(job))) from exc
     if result.error:  # fit() raises in Ray 2.60; older v2 versions returned the error instead
@@ -373,7 +425,7 @@ def run_training(job: JobConfig, *, fresh: bool = False, say=log.info) -> dict:
         test=test,
         model_uri=model_uri,
         wall_s=time.perf_counter() - t0,
-        train_manifest=train_manifest,
+        versions=versions,
     )
     from shardtune.cluster.plots import write_plots
 

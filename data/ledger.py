@@ -77,6 +77,7 @@ class LedgerWriter:
         world_size: int,
         resumed_step: int | None,
         data_uri: str | None = None,
+        data_version: int | None = None,
         grad_accum: int = 1,
         batch_size: int = 1,
         length_grouping: int = 1,
@@ -94,8 +95,13 @@ class LedgerWriter:
         self._list_record: dict | None = None
         self._list_written = False  # in the part being buffered
         if rank == 0:
-            header = {"attempt": attempt, "world_size": world_size, "resumed_step": resumed_step,
-                      "data": data_uri}  # fmt: skip
+            header = {
+                "attempt": attempt,
+                "world_size": world_size,
+                "resumed_step": resumed_step,
+                "data": data_uri,
+                "data_version": data_version,
+            }
             storage.write_text(
                 storage.join(self.dir, f"attempt-{attempt:05d}.json"), json.dumps(header), options
             )
@@ -257,11 +263,14 @@ class IdResolver:
         data_uri: str,
         options: storage.StorageOptions | None = None,
         shards_in_memory: int = 4,
+        version: int | None = None,
     ):
-        from shardtune.data.manifest import read_manifest_compact
+        from shardtune.data.manifest import read_manifest_version
 
         self.data_uri, self.options = data_uri, options
-        self.manifest = read_manifest_compact(data_uri, options)
+        # The manifest version the attempt read (None: the latest; ledgers from before runs
+        # were pinned): `prepare --append` since then must not change what positions name.
+        self.manifest = read_manifest_version(data_uri, version, options)
         self._sizes = self.manifest.shard_sizes()
         self._plans: OrderedDict[tuple, EpochPlan] = OrderedDict()
         self._ids: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -343,7 +352,7 @@ def iter_committed(
         if _ATTEMPT.match(name)
     ]
     headers.sort(key=lambda h: h["attempt"])
-    resolvers: dict[str, IdResolver] = {}
+    resolvers: dict[tuple, IdResolver] = {}
     for i, header in enumerate(headers):
         # An entry survives if no later attempt resumed from before its step.
         later = [h["resumed_step"] or 0 for h in headers[i + 1 :]]
@@ -359,9 +368,10 @@ def iter_committed(
         if resolve:
             if not header.get("data"):
                 raise ValueError(f"ledger: {run_uri} attempt {header['attempt']} names no dataset")
-            resolver = resolvers.get(header["data"])
+            key = (header["data"], header.get("data_version"))
+            resolver = resolvers.get(key)
             if resolver is None:
-                resolver = resolvers[header["data"]] = IdResolver(header["data"], options)
+                resolver = resolvers[key] = IdResolver(key[0], options, version=key[1])
         for rank, _, name in parts:
             text = storage.read_text(storage.join(part_dir, name), options)
             for line in text.splitlines():

@@ -71,6 +71,14 @@ class Manifest:
             raise DatasetError(f"{where}: not a valid manifest ({exc})") from exc
 
 
+def plan_identity(manifest: Manifest, seed: int) -> str:
+    """What a stream position means: equal identities plan the same rows in the same order
+    for every epoch and world size (example count, the shard sizes in order, the seed)."""
+    sizes = np.asarray(manifest.shard_sizes(), dtype=np.int64)
+    digest = hashlib.sha256(sizes.tobytes()).hexdigest()[:16]
+    return f"n{manifest.num_examples}-s{seed}-{digest}"
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -150,9 +158,7 @@ def write_manifest(
     index: a reader of the index between the two sees the previous version, whose shards an
     append never touches, so it is consistent either way."""
     text = manifest.to_json()
-    storage.write_text(
-        storage.join(dataset_uri, f"manifest.v{manifest.version:05d}.json"), text, options
-    )
+    storage.write_text(storage.join(dataset_uri, versioned_name(manifest.version)), text, options)
     storage.write_text(storage.join(dataset_uri, MANIFEST), text, options)
     storage.write_bytes(storage.join(dataset_uri, INDEX), to_index(manifest), options)
 
@@ -169,6 +175,38 @@ def read_manifest_compact(
         return read_manifest(dataset_uri, options)
     with open(path, "rb") as f:
         return from_index(f.read(), where=uri)
+
+
+def versioned_name(version: int) -> str:
+    """The copy of one version that every later `prepare --append` leaves in place."""
+    return f"manifest.v{version:05d}.json"
+
+
+def read_manifest_version(
+    dataset_uri: str,
+    version: int | None,
+    options: storage.StorageOptions | None = None,
+    *,
+    compact: bool = True,
+) -> Manifest:
+    """The manifest of `version` (None: the latest): the latest's (the compact index, or with
+    `compact=False` manifest.json) while it is that version, else that version's JSON copy. A
+    run pins the version it started on, so a `prepare --append` between two attempts cannot
+    re-plan the data under a checkpoint's stream positions (an append never touches the shards
+    earlier versions name)."""
+    read = read_manifest_compact if compact else read_manifest
+    latest = read(dataset_uri, options)
+    if version is None or latest.version == version:
+        return latest
+    uri = storage.join(dataset_uri, versioned_name(version))
+    try:
+        text = storage.read_text(uri, options)
+    except FileNotFoundError as exc:
+        raise DatasetError(
+            f"{uri} not found: version {version} of {dataset_uri} (now at version "
+            f"{latest.version}) is gone"
+        ) from exc
+    return Manifest.from_json(text, where=uri)
 
 
 def read_manifest(dataset_uri: str, options: storage.StorageOptions | None = None) -> Manifest:

@@ -28,7 +28,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,11 @@ class TrainState:
     group_done: tuple = ()
     # Dev micro-F1 of every evaluation so far: early stopping decides from it after a restart too.
     eval_f1_history: tuple = ()
+    # The data this run trains on (None: a checkpoint from before runs were pinned): a resume
+    # reads these manifest versions, whatever `prepare --append` added since (cluster/run_state).
+    manifest_version: int | None = None
+    eval_version: int | None = None
+    plan_identity: str | None = None  # data.manifest.plan_identity of the training set
 
 
 HASH_CHUNK = 8 << 20  # hash files in 8 MB reads: a ZeRO partition can be many GB
@@ -379,6 +384,23 @@ def load(
     return TrainState(**blob["train_state"])
 
 
+def check_pin(state: TrainState, pin: TrainState, where: str) -> None:
+    """CheckpointError unless the checkpoint (`state`) trained on the data this attempt reads
+    (`pin`'s manifest_version, eval_version, plan_identity): its stream positions mean
+    nothing in another plan. A checkpoint from before runs were pinned is taken as is."""
+    if state.plan_identity is None:
+        return
+    theirs = (state.manifest_version, state.eval_version, state.plan_identity)
+    ours = (pin.manifest_version, pin.eval_version, pin.plan_identity)
+    if theirs != ours:
+        raise CheckpointError(
+            f"{where}: trained on train/eval manifest versions {theirs[0]}/{theirs[1]} (plan "
+            f"{theirs[2]}), this attempt reads {ours[0]}/{ours[1]} (plan {ours[2]}): its data "
+            "positions would land on other examples; rerun `train` (it pins the run's versions) "
+            "or start over with --fresh"
+        )
+
+
 def rest_of_epoch(old: list[TrainState], num_examples: int, world_size: int) -> list:
     """Each new rank's share (data.shard_plan.Share) of what the old ranks (their states, in
     rank order) had not consumed of the interrupted epoch: whole length groups before each
@@ -465,5 +487,4 @@ def _load_other_world_size(
             len(share), share.padding,
         )  # fmt: skip
     # At position 0 of a normal epoch the share equals train_segment's plan for the new size.
-    return TrainState(epoch=old[0].epoch, position=0, step=old[0].step, micro_step=old[0].micro_step,
-                      ranges=share.ranges, eval_f1_history=old[0].eval_f1_history)  # fmt: skip
+    return replace(old[0], position=0, ranges=share.ranges, group_step=0, group_done=())

@@ -108,10 +108,16 @@ class Checkpointer:
         return (time.perf_counter() - self.last_checkpoint_t) / 60
 
     def resume(
-        self, engine: DeepSpeedEngine, latest: str | None, *, num_examples: int
+        self,
+        engine: DeepSpeedEngine,
+        latest: str | None,
+        *,
+        num_examples: int,
+        pin: ckpt.TrainState | None = None,
     ) -> ckpt.TrainState | None:
         """Restore engine, RNG and stream position from `latest` (Ray's), or from the newest
-        complete one before it when it is corrupt; every rank loads the same one."""
+        complete one before it when it is corrupt; every rank loads the same one. `pin` holds
+        the data this attempt reads (ckpt.check_pin): a checkpoint of other data is refused."""
         if latest is None:  # a partial upload of an attempt that registered nothing: avoid it
             self.taken = self._listing()
             return None
@@ -133,6 +139,8 @@ class Checkpointer:
                 where=f"{self.run_uri}/{name}",
                 num_examples=num_examples,
             )
+        if pin is not None:
+            ckpt.check_pin(state, pin, where=f"{self.run_uri}/{name}")
         if self.rank == 0:
             log.info(
                 "resumed from %s/%s: epoch %d, step %d", self.run_uri, name, state.epoch, state.step

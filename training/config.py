@@ -203,3 +203,7 @@ class WorkerConfig:
     """Test-only fault spec (training/faults.py); travels here because Ray workers inherit the
     raylet's environment, not the driver's."""
     log_level: str = "INFO"
+    train_version: int | None = None
+    """Manifest versions to read (None: the latest): the head pins a run to the versions it
+    started on, so a resume after `prepare --append` finishes on the same data."""
+    eval_version: int | None = None

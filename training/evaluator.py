@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from shardtune.data.manifest import read_manifest_compact
+from shardtune.data.manifest import read_manifest_version
 from shardtune.data.shard_plan import eval_segment
 from shardtune.data.storage import StorageOptions
 from shardtune.data.stream import read_span
@@ -31,11 +31,17 @@ if TYPE_CHECKING:  # names for readers and the checker; imported only where a wo
 
 
 def read_eval_rows(
-    uri: str, options: StorageOptions, task: str, *, rank: int, world: int
+    uri: str,
+    options: StorageOptions,
+    task: str,
+    *,
+    rank: int,
+    world: int,
+    version: int | None = None,
 ) -> tuple[list[dict], int]:
-    """(this rank's disjoint part of the eval set in length order (fewer pads), the set's size),
-    reading only the row groups the part lies in."""
-    manifest = read_manifest_compact(uri, options)
+    """(this rank's disjoint part of the eval set (manifest `version`, None: the latest) in
+    length order (fewer pads), the set's size), reading only the row groups the part lies in."""
+    manifest = read_manifest_version(uri, version, options)
     segment = eval_segment(manifest.num_examples, world, rank)
     rows, _ = read_span(uri, manifest, segment.start, segment.stop, options)
     return sorted(rows, key=get_task(task).num_tokens), manifest.num_examples
@@ -162,7 +168,9 @@ def open_evaluator(
     total, world = 0, place.world
     if cfg.data.eval:
         uri = cfg.data.eval
-        rows, total = read_eval_rows(uri, cfg.storage, cfg.task, rank=place.rank, world=world)
+        rows, total = read_eval_rows(
+            uri, cfg.storage, cfg.task, rank=place.rank, world=world, version=cfg.eval_version
+        )
     return Evaluator(
         cfg.task,
         labels,

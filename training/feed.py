@@ -182,6 +182,7 @@ def open_ledger(
         options=cfg.storage,
         resumed_step=resumed_step,
         data_uri=cfg.data.train,
+        data_version=cfg.train_version,
         grad_accum=tc.grad_accum,
         batch_size=tc.batch_size,
         length_grouping=tc.length_grouping,

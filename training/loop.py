@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from shardtune.data.batching import micro_batches_per_epoch
 from shardtune.data.logs import setup_logging
-from shardtune.data.manifest import read_manifest_compact
+from shardtune.data.manifest import plan_identity, read_manifest_version
 from shardtune.data.shard_plan import ranges_len, train_segment
 from shardtune.training import faults, session
 from shardtune.training.checkpoint import TrainState
@@ -95,7 +95,7 @@ def setup(cfg: WorkerConfig, place: Placement, restored: str | None) -> Run:
     """Data plan, model, DeepSpeed engine, resume, ledger and this rank's eval rows."""
     tc = cfg.train
     seed_everything(tc.seed)
-    manifest = read_manifest_compact(cfg.data.train, cfg.storage)  # once per node
+    manifest = read_manifest_version(cfg.data.train, cfg.train_version, cfg.storage)  # pinned
     segment_len = len(train_segment(manifest.num_examples, place.world, place.rank))  # all equal
     _, total_steps = total_optimizer_steps(
         segment_len, tc.batch_size, tc.grad_accum, tc.epochs, tc.max_steps
@@ -105,7 +105,14 @@ def setup(cfg: WorkerConfig, place: Placement, restored: str | None) -> Run:
     feed = open_feed(cfg, place, manifest, model.tokenizer, meter)
     trainer = Trainer(model.engine, tc.grad_accum, feed.pad_id, meter=meter)
     ck = Checkpointer(cfg.run_uri, cfg.storage, place, upload=tc.checkpoint_upload)
-    resumed = ck.resume(model.engine, restored, num_examples=manifest.num_examples)
+    # A fresh state records the data it trains on; a resumed one must match it (check_pin).
+    pin = TrainState(
+        manifest_version=manifest.version,
+        eval_version=cfg.eval_version,
+        plan_identity=plan_identity(manifest, tc.seed),
+    )
+    trainer.state = replace(pin)
+    resumed = ck.resume(model.engine, restored, num_examples=manifest.num_examples, pin=pin)
     if resumed is not None:
         trainer.state = resumed
         total_steps = _steps_after_resplit(resumed, cfg, feed.micro_per_epoch, total_steps)

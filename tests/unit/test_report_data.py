@@ -22,9 +22,14 @@ def test_the_report_names_the_manifest_version():
     manifest = Manifest(task="ner", labels=["O"], num_examples=5, num_tokens=9, shards=[],
                         version=3)  # fmt: skip
     best = EvalRecord(step=4, epoch=0, scores=EvalScores(eval_f1=0.5))
+    test_set = Manifest(task="ner", labels=["O"], num_examples=2, num_tokens=4, shards=[],
+                        version=5)  # fmt: skip
+    versions = {"train": manifest, "eval": None, "test": test_set}
     report = build_report(job, best=("checkpoint-00000004", best), history=[],
-                          test=None, model_uri="m", wall_s=1.0, train_manifest=manifest)  # fmt: skip
+                          test=None, model_uri="m", wall_s=1.0, versions=versions)  # fmt: skip
     assert report["data"]["manifest_version"] == 3
+    assert report["data"]["manifest_versions"] == {"train": 3, "eval": None, "test": 5}
+    assert report["data"]["train_examples"] == 5
 
 
 def test_a_checkpoint_without_evaluation_never_ranks_best():

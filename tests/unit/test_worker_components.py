@@ -218,7 +218,7 @@ def test_worker_and_head_agree_on_records_and_paths(evaluated, prepared, tmp_pat
     manifest = read_manifest(prepared["train"])
     report = head.build_report(job, best=("checkpoint-00000024", read), history=[read],
                                test=None, model_uri=head_layout.model, wall_s=1.0,
-                               train_manifest=manifest)  # fmt: skip
+                               versions={"train": manifest, "eval": None, "test": None})  # fmt: skip
     assert set(report["history"][0]) == record_keys() - {"eval_counts", "checkpoint_only"}
     assert report["best_eval"]["eval_f1"] == record.scores.eval_f1
     assert report["throughput"]["train_tokens_per_s"] == record.stats.tokens_per_s
