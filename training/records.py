@@ -51,8 +51,8 @@ class RunFacts:
 @dataclass(frozen=True)
 class EvalScores:
     """Dev-set scores from counts summed over ranks (equal to seqeval over the whole set).
-    Only micro-F1 is required of a reader: a checkpoint between evaluations reports it as NaN
-    alone, and plots redrawn from an older report.json may lack the rest."""
+    Only micro-F1 is required of a reader: a checkpoint between evaluations reports it alone, as -1
+    (Ray's snapshot cannot hold a NaN), and plots redrawn from an older report.json may lack the rest."""
 
     eval_f1: float
     eval_precision: float | None = None

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 from tests.testkit import free_port
 
 WORLD = 2

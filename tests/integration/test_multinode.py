@@ -26,11 +26,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from tests.testkit import free_port
 from shardtune.data import storage
 from shardtune.data.ledger import read_committed
 from shardtune.data.manifest import read_manifest
 from shardtune.data.prepare import prepare
+
+from tests.testkit import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from shardtune.cluster.cli import ray_pool
-from tests.testkit import synthetic_sentences, write_conll
 from shardtune.data import prepare as prep
 from shardtune.data.corpus import CorpusError
+
+from tests.testkit import synthetic_sentences, write_conll
 
 SPLIT = {"train": 0.7, "dev": 0.15, "test": 0.15}
 

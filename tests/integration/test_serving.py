@@ -15,6 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from seqeval.metrics.sequence_labeling import get_entities
+
 from tests.testkit import free_port
 
 BUCKET = "shardtune-it"  # created by the s3 fixture in conftest.py

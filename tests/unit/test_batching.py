@@ -10,7 +10,6 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.testkit import synthetic_sentences, tokenizer_dir, write_conll
 from shardtune.data.batching import group_batches, group_starts, padding_fraction
 from shardtune.data.manifest import read_manifest
 from shardtune.data.prepare import prepare
@@ -20,6 +19,8 @@ from shardtune.data.tasks import get_task
 from shardtune.training import checkpoint as ckpt
 from shardtune.training.config import DataSection, TrainSection
 from shardtune.training.feed import DataFeed, advance
+
+from tests.testkit import synthetic_sentences, tokenizer_dir, write_conll
 
 BATCH, GROUPING = 4, 3  # groups of 12 rows
 

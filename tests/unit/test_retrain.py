@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 from shardtune.cluster import cli
-from tests import testkit
 from shardtune.training.model import ModelError, build_model, check_model_for_task, label_plan
+
+from tests import testkit
 
 OLD = ["O", "B-PER", "B-MISC"]
 NEW = ["B-LOC", "B-PER", "O"]
