@@ -97,3 +97,11 @@ def test_public_dict_hides_endpoint_credentials(tmp_path):
     job = load_job_config(write(tmp_path, GOOD), ["storage.endpoint_url=http://user:pw@minio:9000"])
     public = to_public_dict(job)
     assert "pw" not in str(public) and public["storage"]["endpoint_url"] == "http://***@minio:9000"
+
+
+def test_a_job_that_says_nothing_about_failures_resumes(tmp_path):
+    """Issue 18.3: with no cluster.max_failures a lost worker restarts the group from the latest
+    checkpoint (3 restarts) instead of ending the run (Ray's library default, 0)."""
+    job = load_job_config(write(tmp_path, GOOD))
+    assert job.cluster.max_failures == 3
+    assert load_job_config(write(tmp_path, GOOD), ["cluster.max_failures=0"]).cluster.max_failures == 0
