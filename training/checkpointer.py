@@ -99,6 +99,9 @@ class Checkpointer:
         self._report = report  # session.report; a test passes its own
         self.taken: list[str] = []  # checkpoint names in storage or handed: new ones avoid them
         self.handed: set[str] = set()  # names this attempt handed to Ray
+        # Leftovers come only from earlier attempts, so once a checkpoint of this attempt is
+        # Ray's latest, one pass has removed them all: no listing per checkpoint after that.
+        self.leftovers_cleared = False
         self.last_report_step = -1
         self.last_checkpoint_step = -1
         self.last_checkpoint_t = time.perf_counter()
@@ -162,7 +165,7 @@ class Checkpointer:
         train.checkpoint_upload=async: training goes on while the bytes travel, and the
         checkpoint counts only once every rank's upload finished, so a failure meanwhile
         resumes from the previous one."""
-        if at_boundary and self.rank == 0:
+        if at_boundary and self.rank == 0 and not self.leftovers_cleared:
             self._remove_unregistered()
         local = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
         handed = False
@@ -218,3 +221,4 @@ class Checkpointer:
                 "removing %s/%s: never registered with Ray (a partial upload)", self.run_uri, name
             )
             storage.remove_tree(layout.checkpoint(name), self.options)
+        self.leftovers_cleared = latest in self.handed
